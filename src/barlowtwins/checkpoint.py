@@ -1,0 +1,169 @@
+"""Saving and safely loading encoders and checkpoints.
+
+Every load goes through ``torch.load(..., weights_only=True)``: a checkpoint from someone else
+can hold tensors and plain containers, never code that runs when it is unpickled. Every save is
+atomic (temporary file, fsync, rename), so a kill at any moment leaves the previous file intact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import tempfile
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from barlowtwins.backbones import build_backbone
+
+ENCODER_WEIGHTS = "backbone.pt"
+ENCODER_INFO = "backbone.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, corrupt, unsafe or not one of ours."""
+
+
+@dataclass(frozen=True)
+class EncoderInfo:
+    """What is needed to rebuild a pretrained backbone and feed it images."""
+
+    backbone: str
+    in_channels: int
+    small_image: bool
+    image_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    @classmethod
+    def from_hparams(cls, hparams: dict[str, Any]) -> EncoderInfo:
+        """From the hyper-parameters of a :class:`BarlowTwinsModule` checkpoint."""
+        from barlowtwins.transforms import resolve_normalization
+
+        mean, std = resolve_normalization(
+            hparams["in_channels"], hparams.get("mean"), hparams.get("std")
+        )
+        return cls(
+            backbone=hparams["backbone"],
+            in_channels=int(hparams["in_channels"]),
+            small_image=bool(hparams["small_image"]),
+            image_size=int(hparams["image_size"]),
+            mean=mean,
+            std=std,
+        )
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Call ``write(tmp)`` on a temporary file next to ``path``, then move it into place."""
+    path = Path(path)
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    _fsync_directory(path.parent)
+
+
+def _fsync_directory(directory: Path) -> None:
+    # The rename itself is durable only once the directory entry is flushed.
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def safe_load(path: str | Path) -> Any:
+    """``torch.load`` restricted to tensors and plain containers, with one-line errors."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise CheckpointError(
+            f"refusing to load {path}: it is not a plain weights file "
+            f"(weights_only load failed: {str(error).splitlines()[0]})"
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError) as error:
+        raise CheckpointError(f"cannot read checkpoint {path}: {error}") from None
+
+
+def save_encoder(backbone: nn.Module, info: EncoderInfo, directory: Path) -> Path:
+    """Write ``backbone.pt`` (a plain state_dict) and ``backbone.json`` into ``directory``.
+
+    For torchvision ResNets the state_dict has torchvision's keys without ``fc``: load it with
+    ``model.fc = torch.nn.Identity(); model.load_state_dict(state_dict)`` after applying the
+    same stem (see :func:`barlowtwins.backbones.adapt_stem`).
+    """
+    directory = Path(directory)
+    state = {key: value.detach().cpu().contiguous() for key, value in backbone.state_dict().items()}
+    weights = directory / ENCODER_WEIGHTS
+    atomic_write(weights, lambda tmp: torch.save(state, tmp))
+    atomic_write(
+        directory / ENCODER_INFO,
+        lambda tmp: tmp.write_text(json.dumps(asdict(info), indent=2) + "\n"),
+    )
+    return weights
+
+
+def load_encoder(path: str | Path) -> tuple[nn.Module, EncoderInfo]:
+    """Rebuild a pretrained backbone from ``backbone.pt`` or a Lightning ``.ckpt``.
+
+    Args:
+        path: ``backbone.pt`` (with ``backbone.json`` beside it), a Lightning checkpoint of
+            :class:`BarlowTwinsModule`, or a ``fit`` output directory.
+
+    Returns:
+        The backbone in eval mode and its :class:`EncoderInfo`.
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / ENCODER_WEIGHTS
+    content = safe_load(path)
+    if isinstance(content, dict) and "state_dict" in content and "hyper_parameters" in content:
+        info = EncoderInfo.from_hparams(content["hyper_parameters"])
+        prefix = "model.backbone."
+        state = {
+            key[len(prefix) :]: value
+            for key, value in content["state_dict"].items()
+            if key.startswith(prefix)
+        }
+    else:
+        info_path = path.with_name(ENCODER_INFO)
+        if not info_path.is_file():
+            raise CheckpointError(
+                f"{info_path} is missing: it describes the architecture of {path.name}"
+            )
+        try:
+            fields = json.loads(info_path.read_text())
+            info = EncoderInfo(
+                **{**fields, "mean": tuple(fields["mean"]), "std": tuple(fields["std"])}
+            )
+        except (json.JSONDecodeError, TypeError, KeyError) as error:
+            raise CheckpointError(f"corrupt {info_path}: {error}") from None
+        state = content
+    if not isinstance(state, dict) or not state:
+        raise CheckpointError(f"{path} holds no backbone weights")
+    backbone, _ = build_backbone(
+        info.backbone, in_channels=info.in_channels, small_image=info.small_image
+    )
+    try:
+        backbone.load_state_dict(state)
+    except RuntimeError as error:
+        first = str(error).splitlines()[0]
+        raise CheckpointError(f"{path} does not fit backbone {info.backbone}: {first}") from None
+    return backbone.eval(), info

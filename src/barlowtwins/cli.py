@@ -1,0 +1,172 @@
+"""The ``barlowtwins`` command: ``fit``, ``embed`` and ``evaluate``."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from barlowtwins.checkpoint import CheckpointError
+from barlowtwins.config import ConfigError, FitConfig, load_fit_config
+
+_log = logging.getLogger("barlowtwins")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``barlowtwins`` console script; returns the exit status."""
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        return args.run(args)
+    except (ConfigError, CheckpointError, ValueError, OSError) as error:
+        if os.environ.get("BARLOWTWINS_DEBUG"):
+            raise
+        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        print(f"barlowtwins: error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("barlowtwins: interrupted", file=sys.stderr)
+        return 130
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="barlowtwins",
+        description="Barlow Twins self-supervised pretraining (arXiv 2103.03230).",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    fit = commands.add_parser("fit", help="pretrain an encoder (resumes from --output)")
+    fit.add_argument("--config", type=Path, help="YAML file with any of the options below")
+    fit.add_argument("--print-config", action="store_true", help="print the effective config")
+    for field in dataclasses.fields(FitConfig):
+        flag = "--" + field.name.replace("_", "-")
+        kind = _argparse_type(field.type)
+        help_text = field.metadata.get("help", "")
+        if kind is bool:
+            fit.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
+                             help=help_text)
+        elif kind is tuple:
+            fit.add_argument(flag, type=float, nargs="+", default=None, help=help_text)
+        else:
+            fit.add_argument(flag, type=kind, default=None, help=help_text)
+    fit.set_defaults(run=_run_fit)
+
+    embed = commands.add_parser("embed", help="write backbone features of images to .npz")
+    embed.add_argument("checkpoint", type=Path, help="backbone.pt, a .ckpt or a fit output dir")
+    embed.add_argument("--data", required=True, help="fashion-mnist[:train|:test] or a folder")
+    embed.add_argument("--output", type=Path, required=True, help="the .npz file to write")
+    _add_inference_arguments(embed)
+    embed.set_defaults(run=_run_embed)
+
+    evaluate = commands.add_parser("evaluate", help="kNN / linear-probe accuracy of an encoder")
+    evaluate.add_argument("checkpoint", type=Path, help="backbone.pt, a .ckpt or a fit output dir")
+    evaluate.add_argument("--train", default="fashion-mnist:train", help="labelled train data")
+    evaluate.add_argument("--test", default="fashion-mnist:test", help="labelled test data")
+    evaluate.add_argument("--knn-k", type=int, default=200, help="neighbours of the kNN vote")
+    evaluate.add_argument("--knn-temperature", type=float, default=0.1)
+    evaluate.add_argument("--linear", action="store_true", help="also train a linear probe")
+    evaluate.add_argument("--linear-epochs", type=int, default=100)
+    evaluate.add_argument("--json", type=Path, help="also write the results as JSON")
+    _add_inference_arguments(evaluate)
+    evaluate.set_defaults(run=_run_evaluate)
+    return parser
+
+
+def _add_inference_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data-dir", type=Path, help="Fashion-MNIST directory")
+    parser.add_argument("--download", action="store_true", help="download Fashion-MNIST")
+    parser.add_argument("--max-samples", type=int, help="use a subset")
+    parser.add_argument("--batch-size", type=int, default=512)
+    parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: best)")
+
+
+def _argparse_type(annotation: Any) -> type:
+    text = str(annotation)
+    for name, kind in (("bool", bool), ("tuple", tuple), ("int", int), ("float", float)):
+        if text.startswith(name):
+            return kind
+    return str
+
+
+def _run_fit(args: argparse.Namespace) -> int:
+    overrides = {
+        field.name: getattr(args, field.name)
+        for field in dataclasses.fields(FitConfig)
+        if getattr(args, field.name) is not None
+    }
+    config = load_fit_config(args.config, overrides)
+    if args.print_config:
+        print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
+        return 0
+    from barlowtwins.fit import fit
+
+    fit(config)
+    return 0
+
+
+def _run_embed(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from barlowtwins.inference import encode
+
+    features, dataset = encode(
+        args.checkpoint,
+        args.data,
+        data_dir=args.data_dir,
+        download=args.download,
+        max_samples=args.max_samples,
+        batch_size=args.batch_size,
+        device=args.device,
+    )
+    arrays: dict[str, Any] = {"embeddings": features.numpy()}
+    if dataset.labels is not None:
+        arrays["labels"] = dataset.labels.numpy()
+    if dataset.paths is not None:
+        arrays["paths"] = np.array(dataset.paths)
+    else:
+        arrays["indices"] = np.arange(len(dataset))
+    output = args.output if args.output.suffix == ".npz" else args.output.with_suffix(".npz")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(output, **arrays)
+    print(f"wrote {output}: {features.shape[0]} embeddings of size {features.shape[1]}")
+    return 0
+
+
+def _run_evaluate(args: argparse.Namespace) -> int:
+    from barlowtwins.inference import evaluate_encoder
+
+    results = evaluate_encoder(
+        args.checkpoint,
+        args.train,
+        args.test,
+        knn_k=args.knn_k,
+        knn_temperature=args.knn_temperature,
+        linear=args.linear,
+        linear_epochs=args.linear_epochs,
+        data_dir=args.data_dir,
+        download=args.download,
+        max_samples=args.max_samples,
+        batch_size=args.batch_size,
+        device=args.device,
+    )
+    width = max(len(name) for name in results)
+    print(f"{'metric':<{width}}  value")
+    for name, value in results.items():
+        print(f"{name:<{width}}  {value:.2f}" if isinstance(value, float) else
+              f"{name:<{width}}  {value}")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+__all__ = ["FitConfig", "main"]

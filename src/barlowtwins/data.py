@@ -1,0 +1,834 @@
+"""Image sources: Fashion-MNIST and folders of image files, as fixed-size uint8 tensors.
+
+Every source yields ``(image, label, index)`` with ``image`` a ``uint8`` tensor of shape
+``(C, S, S)``; augmentation and normalisation happen later, on the device. Folders are scanned
+deterministically and every file that cannot be used (corrupt, truncated, not an image,
+decompression bomb, odd name, ...) is skipped and counted instead of crashing a run.
+"""
+
+from __future__ import annotations
+
+import gzip
+import logging
+import os
+import warnings
+import zlib
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps
+from torch import Tensor
+from torch.utils.data import Dataset
+
+_log = logging.getLogger(__name__)
+
+FASHION_MNIST_ENV = "BARLOWTWINS_FASHION_MNIST_DIR"
+# Where the Debian package ``dataset-fashion-mnist`` installs the idx files.
+FASHION_MNIST_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+)
+_FASHION_MNIST_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+_FASHION_MNIST_SIDE = 28
+# idx magic numbers: two zero bytes, type code 0x08 (unsigned byte), number of dimensions.
+_IDX_IMAGES_MAGIC = 0x00000803
+_IDX_LABELS_MAGIC = 0x00000801
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
+# Modes whose samples span 0..65535; PIL's own convert("L") clips them at 255.
+_SIXTEEN_BIT_MODES = frozenset({"I", "I;16", "I;16B", "I;16L", "I;16N"})
+_ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "RGBa", "La"})
+_WHITE = (255, 255, 255, 255)
+# Per-channel statistics are estimated on at most this many samples: plenty for 3-4 digits.
+_STATS_MAX_SAMPLES = 10_000
+_STATS_CHUNK = 1024
+_RESIZE_CHUNK = 1024
+_SKIPS_LISTED = 5
+
+
+class DataError(ValueError):
+    """A data source is missing or unusable; the message is one user-facing line."""
+
+
+class ImageDataset(Dataset, ABC):
+    """Images of one fixed square size as uint8 tensors, with optional class labels.
+
+    Attributes:
+        channels: 1 (greyscale) or 3 (RGB).
+        image_size: Side ``S`` of every ``(C, S, S)`` image.
+        labels: int64 class labels of shape ``(N,)``, or ``None`` for unlabeled data.
+        classes: Class names indexed by label, or ``None``.
+        paths: Source file of every sample, or ``None`` for array datasets.
+        num_skipped: How many input files could not be used.
+    """
+
+    channels: int
+    image_size: int
+    labels: Tensor | None
+    classes: list[str] | None
+    paths: list[str] | None
+    num_skipped: int
+
+    @abstractmethod
+    def __len__(self) -> int:
+        """Number of samples."""
+
+    @abstractmethod
+    def __getitem__(self, index: int) -> tuple[Tensor, int, int]:
+        """Returns ``(image uint8 (C, S, S), label or -1 when unlabeled, sample index)``."""
+
+    def _label(self, index: int) -> int:
+        return -1 if self.labels is None else int(self.labels[index])
+
+
+class InMemoryImages(ImageDataset):
+    """A dataset decoded once into one contiguous ``(N, C, S, S)`` uint8 tensor.
+
+    Args:
+        images: uint8 tensor of shape ``(N, C, S, S)`` with ``C`` 1 or 3.
+        labels: int64 labels of shape ``(N,)`` or ``None``.
+        classes: Class names indexed by label, or ``None``.
+        paths: Source file of every sample, or ``None``.
+        skipped: ``(path, reason)`` of every input file that could not be used.
+        num_skipped: Count of unusable inputs; defaults to ``len(skipped)``.
+
+    Raises:
+        DataError: If the shapes or dtypes do not match.
+    """
+
+    def __init__(
+        self,
+        images: Tensor,
+        labels: Tensor | None = None,
+        classes: Sequence[str] | None = None,
+        paths: Sequence[str] | None = None,
+        skipped: Sequence[tuple[str, str]] = (),
+        num_skipped: int | None = None,
+    ) -> None:
+        if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] not in (1, 3):
+            raise DataError(
+                f"images must be a uint8 tensor of shape (N, 1 or 3, S, S), got {images.dtype} "
+                f"{tuple(images.shape)}"
+            )
+        if images.shape[2] != images.shape[3]:
+            raise DataError(f"images must be square, got {tuple(images.shape[2:])}")
+        n = images.shape[0]
+        if labels is not None and (labels.shape != (n,) or labels.dtype != torch.int64):
+            raise DataError(
+                f"labels must be an int64 tensor of shape ({n},), got {labels.dtype} "
+                f"{tuple(labels.shape)}"
+            )
+        if paths is not None and len(paths) != n:
+            raise DataError(f"got {len(paths)} paths for {n} images")
+        self.images = images.contiguous()
+        self.labels = labels
+        self.classes = None if classes is None else list(classes)
+        self.paths = None if paths is None else list(paths)
+        self.skipped = list(skipped)
+        self.num_skipped = len(self.skipped) if num_skipped is None else num_skipped
+        self.channels = images.shape[1]
+        self.image_size = images.shape[2]
+
+    def __len__(self) -> int:
+        """Number of samples."""
+        return self.images.shape[0]
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int, int]:
+        """Returns ``(image uint8 (C, S, S), label or -1 when unlabeled, sample index)``."""
+        index = range(len(self))[index]
+        return self.images[index], self._label(index), index
+
+    def subset(self, indices: Sequence[int] | Tensor) -> InMemoryImages:
+        """A new dataset with the samples at ``indices`` (in that order), images copied."""
+        idx = torch.as_tensor(indices, dtype=torch.int64).reshape(-1)
+        return InMemoryImages(
+            self.images[idx],
+            None if self.labels is None else self.labels[idx],
+            self.classes,
+            None if self.paths is None else [self.paths[i] for i in idx.tolist()],
+            self.skipped,
+            self.num_skipped,
+        )
+
+    def head(self, n: int) -> InMemoryImages:
+        """The first ``n`` samples, sharing memory with this dataset."""
+        return InMemoryImages(
+            self.images[:n],
+            None if self.labels is None else self.labels[:n],
+            self.classes,
+            None if self.paths is None else self.paths[:n],
+            self.skipped,
+            self.num_skipped,
+        )
+
+
+class LazyImageFolder(ImageDataset):
+    """Image files decoded on every access, for folders too large to hold in memory.
+
+    Headers were validated when the folder was scanned; a file that still fails to decode is
+    logged once, counted in :attr:`num_skipped` and replaced by the next decodable sample, so a
+    training run never stops on one bad file. The failure marks live in shared memory so that
+    DataLoader worker processes update the same count.
+
+    Args:
+        paths: Image files, one per sample.
+        labels: int64 labels of shape ``(N,)`` or ``None``.
+        classes: Class names indexed by label, or ``None``.
+        image_size: Side ``S`` of the square output.
+        channels: 1 (greyscale) or 3 (RGB).
+        skipped: ``(path, reason)`` of the files rejected while scanning.
+
+    Raises:
+        DataError: If there are no paths or the arguments do not match.
+    """
+
+    def __init__(
+        self,
+        paths: Sequence[str],
+        labels: Tensor | None,
+        classes: Sequence[str] | None,
+        image_size: int,
+        channels: int,
+        skipped: Sequence[tuple[str, str]] = (),
+    ) -> None:
+        _check_geometry(image_size, channels)
+        if not paths:
+            raise DataError("LazyImageFolder needs at least one image path")
+        if labels is not None and labels.shape != (len(paths),):
+            raise DataError(f"got {tuple(labels.shape)} labels for {len(paths)} paths")
+        self.paths = list(paths)
+        self.labels = labels
+        self.classes = None if classes is None else list(classes)
+        self.image_size = image_size
+        self.channels = channels
+        self.skipped = list(skipped)
+        self._failed = torch.zeros(len(self.paths), dtype=torch.bool).share_memory_()
+
+    @property
+    def num_skipped(self) -> int:  # type: ignore[override]
+        """Files rejected at scan time plus files that failed to decode since."""
+        return len(self.skipped) + int(self._failed.sum())
+
+    def __len__(self) -> int:
+        """Number of samples (including any that later fail to decode)."""
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int, int]:
+        """Decodes sample ``index``, or the next decodable one if it is broken.
+
+        Returns:
+            ``(image uint8 (C, S, S), label or -1, index of the sample actually returned)``.
+
+        Raises:
+            DataError: If no file in the folder can be decoded any more.
+        """
+        n = len(self.paths)
+        start = range(n)[index]
+        for offset in range(n):
+            i = (start + offset) % n
+            if self._failed[i]:
+                continue
+            result = _decode_or_reason(self.paths[i], self.image_size, self.channels)
+            if isinstance(result, np.ndarray):
+                return torch.from_numpy(result), self._label(i), i
+            self._failed[i] = True
+            _log.warning("skipping unreadable image %s: %s", _printable(self.paths[i]), result)
+        raise DataError(f"none of the {n} images can be decoded any more")
+
+
+def load_fashion_mnist(
+    split: str = "train", root: str | Path | None = None, download: bool = False
+) -> InMemoryImages:
+    """Loads a Fashion-MNIST split from its idx files (gzip-compressed or not).
+
+    The files are looked up in ``root``, else in ``$BARLOWTWINS_FASHION_MNIST_DIR``, else in
+    ``/usr/share/datasets/fashion-mnist`` (Debian package ``dataset-fashion-mnist``); in each,
+    also under ``FashionMNIST/raw`` where torchvision keeps them. The network is used only with
+    ``download=True`` and only when no local copy was found.
+
+    Args:
+        split: ``"train"`` (60000 images) or ``"test"`` (10000 images).
+        root: Folder holding the idx files; the download target with ``download=True``
+            (default ``~/.cache/barlowtwins``).
+        download: Download through torchvision if no local copy exists.
+
+    Returns:
+        1x28x28 images with labels 0..9 and the 10 Fashion-MNIST class names.
+
+    Raises:
+        DataError: If the split is unknown, the files are missing (without ``download``),
+            corrupt, or the download fails.
+    """
+    split = split.lower()
+    if split not in _FASHION_MNIST_FILES:
+        raise DataError(f"unknown Fashion-MNIST split {split!r}; expected 'train' or 'test'")
+    if root is not None:
+        base = Path(root).expanduser()
+    elif os.environ.get(FASHION_MNIST_ENV):
+        base = Path(os.environ[FASHION_MNIST_ENV]).expanduser()
+    else:
+        base = FASHION_MNIST_SYSTEM_DIR
+    candidates = [base, base / "FashionMNIST" / "raw"]
+    files = _find_fashion_mnist(candidates, split)
+    if files is None and download:
+        target = base if root is not None else Path("~/.cache/barlowtwins").expanduser()
+        _download_fashion_mnist(target, split)
+        files = _find_fashion_mnist([target / "FashionMNIST" / "raw"], split)
+    if files is None:
+        searched = ", ".join(str(d) for d in candidates)
+        raise DataError(
+            f"Fashion-MNIST not found in {searched}; install it with "
+            f"`apt-get install dataset-fashion-mnist`, set {FASHION_MNIST_ENV}, or pass --download"
+        )
+    images = _read_idx(files[0], _IDX_IMAGES_MAGIC)
+    labels = _read_idx(files[1], _IDX_LABELS_MAGIC)
+    if images.shape[1:] != (_FASHION_MNIST_SIDE, _FASHION_MNIST_SIDE):
+        raise DataError(f"{files[0]} holds images of shape {images.shape[1:]}, expected (28, 28)")
+    if labels.shape[0] != images.shape[0]:
+        raise DataError(f"{files[1]} has {labels.shape[0]} labels for {images.shape[0]} images")
+    if labels.size and labels.max() >= len(FASHION_MNIST_CLASSES):
+        raise DataError(f"{files[1]} holds label {labels.max()}, expected 0..9")
+    return InMemoryImages(
+        torch.from_numpy(images).unsqueeze(1),
+        torch.from_numpy(labels).to(torch.int64),
+        FASHION_MNIST_CLASSES,
+    )
+
+
+def load_image_folder(
+    root: str | Path,
+    *,
+    image_size: int,
+    channels: int = 3,
+    max_samples: int | None = None,
+    cache_limit_bytes: int = 4 * 2**30,
+    workers: int | None = None,
+) -> ImageDataset:
+    """Loads every image file below ``root`` as ``channels x image_size x image_size`` uint8.
+
+    The folder is scanned recursively in sorted order, skipping hidden entries (names starting
+    with ``.``) and visiting every real directory once, so symlink loops end. Following the
+    ImageFolder convention, when all images sit in first-level subfolders, those subfolders are
+    the classes; images directly in ``root`` make the whole folder unlabeled.
+
+    Each image is EXIF-rotated, reduced to its first frame, converted to L or RGB (transparency
+    composited on white, 16-bit samples scaled to 8 bits), its shorter side resized to
+    ``image_size`` (bicubic, antialiased) and centre-cropped. Files that cannot be used are
+    counted in ``num_skipped`` and the first few are logged.
+
+    Args:
+        root: Folder to scan.
+        image_size: Side ``S`` of the square output images.
+        channels: 1 (greyscale) or 3 (RGB).
+        max_samples: Keep at most this many files, chosen by a seed-0 permutation (kept in scan
+            order); files that then fail to decode are not replaced.
+        cache_limit_bytes: Decode everything into memory when ``N*C*S*S`` bytes fit, else
+            return a :class:`LazyImageFolder` that decodes per access.
+        workers: Decoding threads (default ``os.cpu_count()``); PIL releases the GIL.
+
+    Returns:
+        An :class:`InMemoryImages` or a :class:`LazyImageFolder`.
+
+    Raises:
+        DataError: If ``root`` is not a folder, an argument is invalid or no image is usable.
+    """
+    _check_geometry(image_size, channels)
+    if max_samples is not None and max_samples < 1:
+        raise DataError(f"max_samples must be a positive integer or None, got {max_samples}")
+    if cache_limit_bytes < 0:
+        raise DataError(f"cache_limit_bytes must be >= 0, got {cache_limit_bytes}")
+    workers = (os.cpu_count() or 1) if workers is None else workers
+    if workers < 1:
+        raise DataError(f"workers must be >= 1, got {workers}")
+    root = Path(root).expanduser()
+    if not root.exists():
+        raise DataError(f"image folder {root} does not exist")
+    if not root.is_dir():
+        raise DataError(f"{root} is a file; expected a folder of images or 'fashion-mnist'")
+
+    scan = _scan(root)
+    files = scan.files
+    if max_samples is not None and len(files) > max_samples:
+        keep = np.sort(np.random.default_rng(0).permutation(len(files))[:max_samples])
+        files = [files[i] for i in keep]
+    classes, labels = _assign_labels(root, files)
+    skipped = list(scan.skipped)
+
+    with warnings.catch_warnings():
+        # Bombs are detected and skipped explicitly; PIL's warning would only repeat that.
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        paths = [f.path for f in files]
+        if len(paths) * channels * image_size**2 <= cache_limit_bytes:
+            images, good = _decode_all(paths, image_size, channels, workers, skipped)
+            dataset: ImageDataset | None = (
+                InMemoryImages(
+                    images,
+                    None if labels is None else labels[good],
+                    classes,
+                    [paths[i] for i in good.tolist()],
+                    skipped,
+                )
+                if good.numel()
+                else None
+            )
+        else:
+            good = _probe_all(paths, workers, skipped)
+            dataset = (
+                LazyImageFolder(
+                    [paths[i] for i in good.tolist()],
+                    None if labels is None else labels[good],
+                    classes,
+                    image_size,
+                    channels,
+                    skipped,
+                )
+                if good.numel()
+                else None
+            )
+
+    if skipped:
+        listed = "; ".join(f"{p} ({r})" for p, r in skipped[:_SKIPS_LISTED])
+        more = f"; and {len(skipped) - _SKIPS_LISTED} more" if len(skipped) > _SKIPS_LISTED else ""
+        _log.warning("skipped %d unusable files in %s: %s%s", len(skipped), root, listed, more)
+    if dataset is None:
+        reasons = "; ".join(f"{p} ({r})" for p, r in skipped[:_SKIPS_LISTED]) or (
+            "no files named " + "/".join(sorted(e[1:] for e in IMAGE_EXTENSIONS))
+        )
+        raise DataError(f"no usable images in {root} ({len(skipped)} files skipped: {reasons})")
+    return dataset
+
+
+def load_data(
+    spec: str,
+    *,
+    image_size: int | None = None,
+    channels: int | None = None,
+    data_dir: str | Path | None = None,
+    download: bool = False,
+    max_samples: int | None = None,
+) -> ImageDataset:
+    """Loads the dataset named by ``spec``: Fashion-MNIST or a folder of images.
+
+    Args:
+        spec: ``"fashion-mnist"`` (the train split), ``"fashion-mnist:train"``,
+            ``"fashion-mnist:test"`` (case-insensitive), or else the path of an image folder.
+        image_size: Output side. Fashion-MNIST keeps its native 28 when ``None`` and is
+            otherwise resized (bilinear, antialiased); required for folders.
+        channels: 1 or 3. Fashion-MNIST keeps its 1 channel when ``None`` (grey is repeated for
+            3); folders default to 3.
+        data_dir: Where to look for (or download) Fashion-MNIST; unused for folders.
+        download: Allow downloading Fashion-MNIST when no local copy exists.
+        max_samples: Keep at most this many samples, the first of a seed-0 permutation (so
+            roughly class-balanced), in their original order.
+
+    Returns:
+        The dataset.
+
+    Raises:
+        DataError: For an unknown Fashion-MNIST split, invalid sizes, or unusable data.
+    """
+    if max_samples is not None and max_samples < 1:
+        raise DataError(f"max_samples must be a positive integer or None, got {max_samples}")
+    name, _, split = spec.strip().partition(":")
+    if name.lower() != "fashion-mnist":
+        if image_size is None:
+            raise DataError(f"an image size is required to load the image folder {spec}")
+        return load_image_folder(
+            spec,
+            image_size=image_size,
+            channels=3 if channels is None else channels,
+            max_samples=max_samples,
+        )
+    dataset = load_fashion_mnist(split or "train", root=data_dir, download=download)
+    if max_samples is not None and max_samples < len(dataset):
+        perm = np.random.default_rng(0).permutation(len(dataset))[:max_samples]
+        dataset = dataset.subset(np.sort(perm))
+    return _reshape_images(
+        dataset,
+        dataset.image_size if image_size is None else image_size,
+        dataset.channels if channels is None else channels,
+    )
+
+
+def dataset_stats(dataset: ImageDataset) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and standard deviation in [0, 1] units, for normalisation.
+
+    Estimated on all samples, or on a seed-0 random subset of 10000 for larger datasets.
+
+    Args:
+        dataset: Any :class:`ImageDataset`.
+
+    Returns:
+        ``(mean, std)``, each a tuple of ``dataset.channels`` floats.
+
+    Raises:
+        DataError: If the dataset is empty.
+    """
+    n = len(dataset)
+    if n == 0:
+        raise DataError("cannot compute statistics of an empty dataset")
+    indices = np.arange(n)
+    if n > _STATS_MAX_SAMPLES:
+        indices = np.sort(np.random.default_rng(0).permutation(n)[:_STATS_MAX_SAMPLES])
+    total = torch.zeros(dataset.channels, dtype=torch.float64)
+    total_sq = torch.zeros(dataset.channels, dtype=torch.float64)
+    count = 0
+    for start in range(0, len(indices), _STATS_CHUNK):
+        chunk = indices[start : start + _STATS_CHUNK]
+        if isinstance(dataset, InMemoryImages):
+            batch = dataset.images[torch.from_numpy(chunk)]
+        else:
+            batch = torch.stack([dataset[int(i)][0] for i in chunk])
+        x = batch.to(torch.float64).div_(255.0).transpose(0, 1).reshape(dataset.channels, -1)
+        total += x.sum(dim=1)
+        total_sq += x.square().sum(dim=1)
+        count += x.shape[1]
+    mean = total / count
+    std = (total_sq / count - mean.square()).clamp_min(0.0).sqrt()
+    return tuple(mean.tolist()), tuple(std.tolist())
+
+
+@dataclass(frozen=True)
+class _File:
+    """A candidate image file and the first-level subfolder it was found in (None: root)."""
+
+    path: str
+    top: str | None
+
+
+@dataclass
+class _Scan:
+    """Result of scanning a folder: usable candidates and ``(path, reason)`` rejections."""
+
+    files: list[_File]
+    skipped: list[tuple[str, str]]
+
+
+def _check_geometry(image_size: int, channels: int) -> None:
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
+        raise DataError(f"image_size must be a positive integer, got {image_size!r}")
+    if channels not in (1, 3):
+        raise DataError(f"channels must be 1 (greyscale) or 3 (RGB), got {channels!r}")
+
+
+def _printable(path: str) -> str:
+    """``path`` with undecodable bytes (held as surrogates by ``os``) written as escapes."""
+    return path.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _scan(root: Path) -> _Scan:
+    """Lists candidate image files below ``root`` in sorted, depth-first order.
+
+    An explicit stack instead of recursion keeps arbitrarily deep trees safe; real paths of
+    visited directories stop symlink loops and double visits.
+    """
+    files: list[_File] = []
+    skipped: list[tuple[str, str]] = []
+    visited = {os.path.realpath(root)}
+    try:
+        first = _sorted_entries(str(root))
+    except OSError as exc:
+        raise DataError(f"cannot list image folder {root}: {exc.strerror or exc}") from exc
+    stack: list[tuple[Iterator[os.DirEntry[str]], str | None]] = [(iter(first), None)]
+    while stack:
+        entries, top = stack[-1]
+        entry = next(entries, None)
+        if entry is None:
+            stack.pop()
+            continue
+        if entry.name.startswith("."):
+            continue
+        shown = _printable(entry.path)
+        if _is_dir(entry):
+            real = os.path.realpath(entry.path)
+            if real in visited:
+                continue
+            visited.add(real)
+            try:
+                children = _sorted_entries(entry.path)
+            except OSError as exc:
+                skipped.append((shown, f"cannot list folder: {exc.strerror or exc}"))
+                continue
+            stack.append((iter(children), entry.name if top is None else top))
+            continue
+        if os.path.splitext(entry.name)[1].lower() not in IMAGE_EXTENSIONS:
+            continue
+        reason = _unusable_file_reason(entry)
+        if reason is None:
+            files.append(_File(entry.path, top))
+        else:
+            skipped.append((shown, reason))
+    return _Scan(files, skipped)
+
+
+def _sorted_entries(path: str) -> list[os.DirEntry[str]]:
+    with os.scandir(path) as it:
+        return sorted(it, key=lambda e: e.name)
+
+
+def _is_dir(entry: os.DirEntry[str]) -> bool:
+    try:
+        return entry.is_dir()
+    except OSError:
+        return False
+
+
+def _unusable_file_reason(entry: os.DirEntry[str]) -> str | None:
+    """Why a file with an image extension cannot be used before opening it, or None."""
+    try:
+        entry.name.encode("utf-8")
+    except UnicodeEncodeError:
+        # Undecodable names cannot be shown, logged or stored portably downstream.
+        return "file name is not valid UTF-8"
+    try:
+        if not entry.is_file():
+            return "not a regular file (broken link, device or pipe)"
+        if entry.stat().st_size == 0:
+            return "empty file"
+    except OSError as exc:
+        return f"cannot stat: {exc.strerror or exc}"
+    if not os.access(entry.path, os.R_OK):
+        return "permission denied"
+    return None
+
+
+def _assign_labels(root: Path, files: Sequence[_File]) -> tuple[list[str] | None, Tensor | None]:
+    """ImageFolder labels from first-level subfolders, or None when any image is in root."""
+    tops = {f.top for f in files}
+    if not files or None in tops:
+        if len(tops) > 1:
+            _log.warning(
+                "%s has images both directly inside and in subfolders; treating all %d as "
+                "unlabeled (put every image in a class subfolder for labels)",
+                root,
+                len(files),
+            )
+        return None, None
+    classes = sorted(t for t in tops if t is not None)
+    index = {name: i for i, name in enumerate(classes)}
+    return classes, torch.tensor([index[f.top] for f in files], dtype=torch.int64)
+
+
+def _open_checked(path: str) -> Image.Image:
+    """Opens an image (header only), refusing decompression bombs."""
+    image = Image.open(path)
+    limit = Image.MAX_IMAGE_PIXELS
+    width, height = image.size
+    # PIL raises only above twice its limit and merely warns in between; refuse both.
+    if limit is not None and width * height > limit:
+        image.close()
+        raise Image.DecompressionBombError(
+            f"{width}x{height} pixels exceeds the limit of {limit} (decompression bomb?)"
+        )
+    if width < 1 or height < 1:
+        image.close()
+        raise ValueError(f"image has no pixels ({width}x{height})")
+    return image
+
+
+def _reason(exc: Exception) -> str:
+    if isinstance(exc, Image.DecompressionBombError):
+        return f"decompression bomb: {exc}"
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _decode(path: str, image_size: int, channels: int) -> np.ndarray:
+    """Decodes one file to a contiguous ``(C, S, S)`` uint8 array."""
+    with _open_checked(path) as image:
+        # JPEGs decode straight at a reduced DCT scale that keeps both sides >= image_size.
+        image.draft(None, (image_size, image_size))
+        # Opening selects frame 0, so animated images yield their first frame.
+        image = ImageOps.exif_transpose(image)
+    image = _to_mode(image, "L" if channels == 1 else "RGB")
+    width, height = image.size
+    side = min(width, height)
+    # Cropping the centred square in source coordinates and resizing it equals resizing the
+    # shorter side to image_size and centre-cropping, without an intermediate image.
+    box = ((width - side) / 2, (height - side) / 2, (width + side) / 2, (height + side) / 2)
+    image = image.resize((image_size, image_size), Image.Resampling.BICUBIC, box=box)
+    array = np.asarray(image)
+    array = array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
+    return np.ascontiguousarray(array)
+
+
+def _to_mode(image: Image.Image, mode: str) -> Image.Image:
+    """Converts any PIL mode to ``mode`` ("L" or "RGB")."""
+    if image.mode in _SIXTEEN_BIT_MODES:
+        wide = np.asarray(image).astype(np.float32)
+        eight = np.floor(wide * (255.0 / 65535.0) + 0.5).clip(0, 255).astype(np.uint8)
+        image = Image.fromarray(eight)
+    elif image.mode in _ALPHA_MODES or "transparency" in image.info:
+        background = Image.new("RGBA", image.size, _WHITE)
+        background.alpha_composite(image.convert("RGBA"))
+        image = background.convert("RGB")
+    return image if image.mode == mode else image.convert(mode)
+
+
+def _decode_or_reason(path: str, image_size: int, channels: int) -> np.ndarray | str:
+    try:
+        return _decode(path, image_size, channels)
+    # PIL raises many exception types on corrupt data (OSError, SyntaxError, struct.error, ...).
+    except Exception as exc:
+        return _reason(exc)
+
+
+def _probe_reason(path: str) -> str | None:
+    try:
+        _open_checked(path).close()
+    # Same variety of PIL exceptions as in _decode_or_reason.
+    except Exception as exc:
+        return _reason(exc)
+    return None
+
+
+def _run_pool(fn: Callable[[int], None], n: int, workers: int) -> None:
+    if workers == 1 or n <= 1:
+        for i in range(n):
+            fn(i)
+        return
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for _ in pool.map(fn, range(n)):
+            pass
+
+
+def _decode_all(
+    paths: Sequence[str],
+    image_size: int,
+    channels: int,
+    workers: int,
+    skipped: list[tuple[str, str]],
+) -> tuple[Tensor, Tensor]:
+    """Decodes ``paths`` in threads; appends failures to ``skipped``.
+
+    Returns:
+        ``(images, good)``: the decoded images, compacted in place to the front of one
+        allocation, and the indices into ``paths`` they came from.
+    """
+    images = torch.empty(len(paths), channels, image_size, image_size, dtype=torch.uint8)
+    out = images.numpy()
+    reasons: list[str | None] = [None] * len(paths)
+
+    def work(i: int) -> None:
+        result = _decode_or_reason(paths[i], image_size, channels)
+        if isinstance(result, np.ndarray):
+            out[i] = result
+        else:
+            reasons[i] = result
+
+    _run_pool(work, len(paths), workers)
+    good = [i for i, r in enumerate(reasons) if r is None]
+    skipped.extend((_printable(paths[i]), r) for i, r in enumerate(reasons) if r is not None)
+    # Moving rows forward (destination never after source) avoids a second full-size copy.
+    for dst, src in enumerate(good):
+        if dst != src:
+            images[dst] = images[src]
+    return images[: len(good)], torch.tensor(good, dtype=torch.int64)
+
+
+def _probe_all(paths: Sequence[str], workers: int, skipped: list[tuple[str, str]]) -> Tensor:
+    """Validates headers in threads; appends failures to ``skipped``; returns good indices."""
+    reasons: list[str | None] = [None] * len(paths)
+
+    def work(i: int) -> None:
+        reasons[i] = _probe_reason(paths[i])
+
+    _run_pool(work, len(paths), workers)
+    skipped.extend((_printable(paths[i]), r) for i, r in enumerate(reasons) if r is not None)
+    return torch.tensor([i for i, r in enumerate(reasons) if r is None], dtype=torch.int64)
+
+
+def _find_fashion_mnist(dirs: Sequence[Path], split: str) -> tuple[Path, Path] | None:
+    """The (images, labels) files of ``split`` in the first directory holding both."""
+    for directory in dirs:
+        found = [_first_existing(directory, stem) for stem in _FASHION_MNIST_FILES[split]]
+        if found[0] is not None and found[1] is not None:
+            return found[0], found[1]
+    return None
+
+
+def _first_existing(directory: Path, stem: str) -> Path | None:
+    for name in (stem + ".gz", stem):
+        if (directory / name).is_file():
+            return directory / name
+    return None
+
+
+def _download_fashion_mnist(target: Path, split: str) -> None:
+    # Imported here: torchvision's dataset module is needed only for this opt-in download.
+    from torchvision.datasets import FashionMNIST
+
+    _log.info("downloading Fashion-MNIST into %s", target)
+    try:
+        FashionMNIST(root=str(target), train=split == "train", download=True)
+    # Network, HTTP and checksum failures surface as many exception types.
+    except Exception as exc:
+        raise DataError(f"downloading Fashion-MNIST into {target} failed: {exc}") from exc
+
+
+def _read_idx(path: Path, magic: int) -> np.ndarray:
+    """Reads an idx file (optionally gzip-compressed) of unsigned bytes, checking its header."""
+    try:
+        raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    except (OSError, EOFError, zlib.error) as exc:
+        raise DataError(f"cannot read Fashion-MNIST file {path}: {exc}") from exc
+    ndim = magic & 0xFF
+    header = 4 + 4 * ndim
+    if len(raw) < header or int.from_bytes(raw[:4], "big") != magic:
+        raise DataError(f"{path} is not an idx file (bad magic number), expected magic {magic:#x}")
+    shape = tuple(int.from_bytes(raw[4 + 4 * k : 8 + 4 * k], "big") for k in range(ndim))
+    expected = header + int(np.prod(shape))
+    if len(raw) != expected:
+        raise DataError(
+            f"{path} is corrupt: {len(raw)} bytes for shape {shape}, expected {expected}"
+        )
+    # bytearray gives a writable buffer, so torch.from_numpy needs no copy and does not warn.
+    return np.frombuffer(bytearray(raw), dtype=np.uint8, offset=header).reshape(shape)
+
+
+def _reshape_images(dataset: InMemoryImages, image_size: int, channels: int) -> InMemoryImages:
+    """Resizes (bilinear, antialiased) and converts a dataset's images between 1 and 3 channels.
+
+    Raises:
+        DataError: For an invalid size or channel count, or RGB to greyscale.
+    """
+    _check_geometry(image_size, channels)
+    if channels < dataset.channels:
+        raise DataError(f"cannot convert {dataset.channels}-channel images to {channels}")
+    if image_size == dataset.image_size and channels == dataset.channels:
+        return dataset
+    source = dataset.images
+    out = torch.empty(len(dataset), channels, image_size, image_size, dtype=torch.uint8)
+    # Chunks bound the float32 working memory regardless of the dataset size.
+    for start in range(0, len(dataset), _RESIZE_CHUNK):
+        chunk = source[start : start + _RESIZE_CHUNK]
+        if image_size != dataset.image_size:
+            chunk = F.interpolate(
+                chunk.float(),
+                size=(image_size, image_size),
+                mode="bilinear",
+                antialias=True,
+                align_corners=False,
+            )
+            chunk = chunk.round_().clamp_(0, 255).to(torch.uint8)
+        out[start : start + chunk.shape[0]] = chunk.expand(-1, channels, -1, -1)
+    return InMemoryImages(
+        out, dataset.labels, dataset.classes, dataset.paths, dataset.skipped, dataset.num_skipped
+    )

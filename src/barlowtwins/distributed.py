@@ -1,0 +1,183 @@
+"""Exact cross-process statistics: differentiable sums and a batch norm over the global batch.
+
+Every rank of a data-parallel run computes the *same* global loss ``L``. An autograd-aware
+``all_reduce`` sums the gradients of all ranks' copies in its backward pass, so each rank
+receives ``W * dL/dx`` for its local inputs; DDP then averages parameter gradients over the
+``W`` ranks, which yields exactly ``dL/dtheta`` of one process on the concatenated global batch.
+A plain in-place ``torch.distributed.all_reduce`` is invisible to autograd: each rank keeps
+only ``dL/dx`` and DDP's average silently divides the gradient by ``W``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+
+def world_size() -> int:
+    """Number of processes in the default group, or 1 when not running distributed."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return 1
+
+
+def global_sum(tensor: Tensor) -> Tensor:
+    """Sum ``tensor`` over all ranks, differentiably (identity when not distributed).
+
+    Args:
+        tensor: Any tensor with the same shape on every rank.
+
+    Returns:
+        The elementwise sum over ranks. Its backward pass sums the incoming gradients over
+        ranks, which is what makes replicated global losses exact under DDP averaging.
+    """
+    if world_size() == 1:
+        return tensor
+    return _SumOverRanks.apply(tensor)
+
+
+class _SumOverRanks(torch.autograd.Function):
+    """All-reduce (sum) whose backward all-reduces the gradient too.
+
+    Written here rather than taken from ``torch.distributed.nn`` (deprecated, warns on every
+    call); the functional collectives have no differentiable all-reduce.
+    """
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, tensor: Tensor) -> Tensor:
+        total = tensor.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(total)
+        return total
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor) -> Tensor:
+        total = grad.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(total)
+        return total
+
+
+def global_count(local_count: int, device: torch.device) -> int:
+    """Total of a per-rank count over all ranks (shards may have different sizes)."""
+    if world_size() == 1:
+        return local_count
+    count = torch.tensor([local_count], device=device, dtype=torch.long)
+    dist.all_reduce(count)
+    return int(count.item())
+
+
+class GlobalBatchNorm(_BatchNorm):
+    """Batch normalisation whose statistics are taken over the global batch of all ranks.
+
+    ``torch.nn.SyncBatchNorm`` only runs on CUDA. This layer computes the same thing with
+    differentiable collectives, so it works with any backend (gloo on CPU included) and with
+    shards of different sizes. Outside training or without a process group it is an ordinary
+    batch norm. Use :func:`convert_to_global_batchnorm` to swap it into a model.
+    """
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        if input.dim() < 2:
+            raise ValueError(f"expected at least 2-D input (N, C, ...), got {input.dim()}-D")
+
+    def forward(self, input: Tensor) -> Tensor:
+        self._check_input_dim(input)
+        if not self.training or world_size() == 1:
+            return super().forward(input)
+
+        reduce_dims = [0, *range(2, input.dim())]
+        stat_shape = [1, input.size(1)] + [1] * (input.dim() - 2)
+        count = global_count(input.numel() // input.size(1), input.device)
+        if count < 2:
+            raise ValueError("batch norm needs at least 2 values per channel over all ranks")
+
+        # Two passes (mean, then centred squares) keep the variance accurate in float32.
+        mean = global_sum(input.sum(reduce_dims)) / count
+        centred = input - mean.view(stat_shape)
+        var = global_sum(centred.square().sum(reduce_dims)) / count
+        output = centred * torch.rsqrt(var + self.eps).view(stat_shape)
+        if self.affine:
+            output = output * self.weight.view(stat_shape) + self.bias.view(stat_shape)
+
+        if self.track_running_stats:
+            self._update_running_stats(mean.detach(), var.detach(), count)
+        return output
+
+    @torch.no_grad()
+    def _update_running_stats(self, mean: Tensor, var: Tensor, count: int) -> None:
+        self.num_batches_tracked.add_(1)
+        momentum = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+        unbiased_var = var * (count / (count - 1))
+        self.running_mean.lerp_(mean.to(self.running_mean.dtype), momentum)
+        self.running_var.lerp_(unbiased_var.to(self.running_var.dtype), momentum)
+
+
+def convert_to_global_batchnorm(module: nn.Module) -> nn.Module:
+    """Replace every batch norm in ``module`` by a :class:`GlobalBatchNorm` with the same state.
+
+    Args:
+        module: A model; it is modified in place where possible.
+
+    Returns:
+        The converted module (a new object when ``module`` itself is a batch norm).
+    """
+    if isinstance(module, _BatchNorm) and not isinstance(module, GlobalBatchNorm):
+        converted = _rebuild_batchnorm(module, GlobalBatchNorm)
+        converted._original_class = type(module)
+        return converted
+    for name, child in module.named_children():
+        module.add_module(name, convert_to_global_batchnorm(child))
+    return module
+
+
+def revert_global_batchnorm(module: nn.Module) -> nn.Module:
+    """Undo :func:`convert_to_global_batchnorm`: each layer becomes its original class again."""
+    if isinstance(module, GlobalBatchNorm):
+        return _rebuild_batchnorm(module, getattr(module, "_original_class", nn.BatchNorm2d))
+    for name, child in module.named_children():
+        module.add_module(name, revert_global_batchnorm(child))
+    return module
+
+
+def _rebuild_batchnorm(source: _BatchNorm, cls: type[_BatchNorm]) -> _BatchNorm:
+    """A ``cls`` batch norm sharing ``source``'s parameters and buffers.
+
+    Sharing (not copying) keeps device, dtype and the optimizer's parameter references valid.
+    """
+    rebuilt = cls(
+        source.num_features,
+        eps=source.eps,
+        momentum=source.momentum,
+        affine=source.affine,
+        track_running_stats=source.track_running_stats,
+    )
+    if source.affine:
+        rebuilt.weight = source.weight
+        rebuilt.bias = source.bias
+    if source.track_running_stats:
+        rebuilt.running_mean = source.running_mean
+        rebuilt.running_var = source.running_var
+        rebuilt.num_batches_tracked = source.num_batches_tracked
+    rebuilt.train(source.training)
+    return rebuilt
+
+
+def sync_batchnorm(module: nn.Module, device: torch.device | str) -> nn.Module:
+    """Synchronise all batch norms of ``module`` over the process group.
+
+    Uses the fused ``torch.nn.SyncBatchNorm`` on CUDA and :class:`GlobalBatchNorm` elsewhere.
+    """
+    if torch.device(device).type == "cuda":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    return convert_to_global_batchnorm(module)
+
+
+__all__ = [
+    "GlobalBatchNorm",
+    "convert_to_global_batchnorm",
+    "global_count",
+    "global_sum",
+    "revert_global_batchnorm",
+    "sync_batchnorm",
+    "world_size",
+]

@@ -1,0 +1,215 @@
+"""``barlowtwins fit``: pretrain, resume, export, score and plot."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import yaml
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger, Logger
+
+from barlowtwins.checkpoint import EncoderInfo, save_encoder
+from barlowtwins.config import ConfigError, FitConfig
+from barlowtwins.data import ImageDataset, InMemoryImages, load_data
+from barlowtwins.datamodule import BarlowTwinsDataModule
+from barlowtwins.lightning_plugins import AtomicCheckpointIO, GlobalBatchNormSync
+from barlowtwins.loss import cross_correlation
+from barlowtwins.module import BarlowTwinsModule
+from barlowtwins.report import score_encoders, write_plots
+
+_log = logging.getLogger("barlowtwins")
+
+CHECKPOINT_DIR = "checkpoints"
+LAST_CHECKPOINT = "last.ckpt"
+FASHION_MNIST = "fashion-mnist"
+
+
+def fit(config: FitConfig) -> dict[str, Any]:
+    """Run ``barlowtwins fit`` with a validated config; returns the final results.
+
+    A rerun with the same ``output`` resumes from ``output/checkpoints/last.ckpt``.
+    """
+    started = time.perf_counter()
+    L.seed_everything(config.seed, workers=True, verbose=False)
+    output = Path(config.output)
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+
+    train, val = _load_datasets(config)
+    world = config.devices * config.num_nodes
+    if len(train) < config.batch_size * world:
+        raise ConfigError(
+            f"batch size {config.batch_size} x {world} process(es) is larger than the dataset "
+            f"({len(train)} images); lower --batch-size"
+        )
+    image_size = config.image_size or train.image_size
+    small_image = image_size <= 64 if config.small_image is None else config.small_image
+    module = BarlowTwinsModule(
+        backbone=config.backbone,
+        in_channels=train.channels,
+        image_size=image_size,
+        small_image=small_image,
+        projector_dims=tuple(config.projector_dims),
+        lambda_param=config.lambda_param,
+        optimizer=config.optimizer,
+        lr_weights=config.lr_weights,
+        lr_biases=config.lr_biases,
+        weight_decay=config.weight_decay,
+        warmup_epochs=config.warmup_epochs,
+        batch_size=config.batch_size,
+        crop_scale=config.crop_scale,
+        knn_k=config.knn_k,
+    )
+    datamodule = BarlowTwinsDataModule(
+        train,
+        config.batch_size,
+        knn_bank=_knn_bank(train, config) if val is not None else None,
+        knn_query=val,
+        num_workers=config.num_workers,
+        pin_memory=torch.cuda.is_available(),
+    )
+    if config.compile:
+        module.model.compile()
+
+    trainer = _trainer(config, output, monitor=val is not None)
+    last = output / CHECKPOINT_DIR / LAST_CHECKPOINT
+    if last.is_file():
+        _log.info("resuming from %s", last)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=last if last.is_file() else None)
+    if not trainer.is_global_zero:
+        return {}
+
+    info = EncoderInfo.from_hparams(dict(module.hparams))
+    save_encoder(module.backbone, info, output)
+    results: dict[str, Any] = {"train_images": len(train), "skipped_images": train.num_skipped}
+    scores, test_features = None, None
+    if val is not None:
+        scores, test_features = score_encoders(
+            module.backbone, info, train, val, k=config.knn_k, seed=config.seed,
+            precision="bf16" if "bf16" in str(trainer.precision) else "32",
+        )
+        results["knn"] = scores
+    if config.plots:
+        results["plots"] = write_plots(
+            output,
+            scores=scores,
+            test_features=test_features,
+            test=val,
+            cross_correlation=_held_out_cross_correlation(module, val or train),
+        )
+    results["minutes"] = round((time.perf_counter() - started) / 60, 2)
+    (output / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    _print_summary(results, output)
+    return results
+
+
+@torch.no_grad()
+def _held_out_cross_correlation(
+    module: BarlowTwinsModule, data: ImageDataset, size: int = 512
+) -> torch.Tensor:
+    """The loss's cross-correlation matrix on two views of (up to) ``size`` held-out images."""
+    images = torch.stack([data[i][0] for i in range(min(size, len(data)))])
+    device = next(module.parameters()).device
+    module.eval()
+    view_a, view_b = module.augment(images.to(device), torch.Generator(device).manual_seed(0))
+    return cross_correlation(module.model(view_a).float(), module.model(view_b).float()).cpu()
+
+
+def _load_datasets(config: FitConfig) -> tuple[ImageDataset, ImageDataset | None]:
+    is_fashion = config.data.lower().startswith(FASHION_MNIST)
+    # Folders are stored a little larger than the views so random crops are not upsampled.
+    load_size = config.image_size
+    if not is_fashion:
+        load_size = round((config.image_size or 64) * 8 / 7)
+    channels = config.channels or (1 if is_fashion else 3)
+    common = {"data_dir": config.data_dir, "download": config.download}
+    train = load_data(
+        config.data,
+        image_size=load_size,
+        channels=channels,
+        max_samples=config.max_samples,
+        **common,
+    )
+    val_spec = config.val_data or (f"{FASHION_MNIST}:test" if is_fashion else None)
+    if val_spec is None:
+        return train, None
+    val = load_data(val_spec, image_size=train.image_size, channels=train.channels, **common)
+    if val.labels is None or train.labels is None:
+        _log.warning("no labels in %s or the training data: kNN monitor disabled", val_spec)
+        return train, None
+    return train, val
+
+
+def _knn_bank(train: ImageDataset, config: FitConfig) -> ImageDataset:
+    if not isinstance(train, InMemoryImages) or len(train) <= config.knn_bank_size:
+        return train
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(config.seed))
+    return train.subset(order[: config.knn_bank_size])
+
+
+def default_precision(accelerator: str) -> str:
+    """bf16 autocast where the hardware runs it fast, else float32."""
+    if torch.cuda.is_available() and accelerator in ("auto", "gpu", "cuda"):
+        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "32-true"
+    return "bf16-mixed" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "32-true"
+
+
+def _trainer(config: FitConfig, output: Path, *, monitor: bool) -> L.Trainer:
+    world = config.devices * config.num_nodes
+    checkpoint = ModelCheckpoint(
+        dirpath=output / CHECKPOINT_DIR,
+        filename="best",
+        monitor="val_knn_acc" if monitor else None,
+        mode="max",
+        save_top_k=1 if monitor else 0,
+        save_last=True,
+        enable_version_counter=False,
+    )
+    plugins: list[Any] = [AtomicCheckpointIO()]
+    if world > 1:
+        plugins.append(GlobalBatchNormSync())
+    return L.Trainer(
+        max_epochs=config.epochs,
+        accelerator=config.accelerator,
+        devices=config.devices,
+        num_nodes=config.num_nodes,
+        strategy="ddp" if world > 1 else "auto",
+        precision=config.precision or default_precision(config.accelerator),
+        plugins=plugins,
+        callbacks=[checkpoint],
+        logger=_loggers(output),
+        log_every_n_steps=10,
+        num_sanity_val_steps=0,
+        default_root_dir=output,
+    )
+
+
+def _loggers(output: Path) -> list[Logger]:
+    loggers: list[Logger] = [CSVLogger(save_dir=output, name="", version="")]
+    try:
+        from lightning.pytorch.loggers import TensorBoardLogger
+
+        loggers.append(TensorBoardLogger(save_dir=output, name="tensorboard", version=""))
+    except ModuleNotFoundError:
+        pass
+    return loggers
+
+
+def _print_summary(results: dict[str, Any], output: Path) -> None:
+    knn = results.get("knn")
+    if knn:
+        print(f"\nTest kNN accuracy (k={knn['k']}, cosine, temperature {knn['temperature']}):")
+        for name in ("barlow twins", "random init", "raw pixels"):
+            print(f"  {name:<13} {knn[name]:6.2f}%")
+    print(f"\nwrote {output}: backbone.pt, checkpoints/, metrics.csv, results.json"
+          + (", plots/" if results.get("plots") else ""))

@@ -1,0 +1,89 @@
+"""``embed`` and ``evaluate``: features and accuracies of a pretrained encoder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from barlowtwins.checkpoint import EncoderInfo, load_encoder
+from barlowtwins.data import DataError, ImageDataset, load_data
+from barlowtwins.evaluation import extract_features, knn_accuracy, linear_probe
+
+
+def _device(requested: str | None) -> torch.device:
+    if requested is not None:
+        return torch.device(requested)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _load(spec: str, info: EncoderInfo, **data_options: Any) -> ImageDataset:
+    return load_data(spec, image_size=info.image_size, channels=info.in_channels, **data_options)
+
+
+def _features(
+    backbone: torch.nn.Module, info: EncoderInfo, data: ImageDataset, batch_size: int,
+    device: torch.device,
+) -> torch.Tensor:
+    return extract_features(
+        backbone, data, batch_size=batch_size, device=device, mean=info.mean, std=info.std,
+        image_size=info.image_size,
+    )
+
+
+def encode(
+    checkpoint: str | Path,
+    data: str,
+    *,
+    batch_size: int = 512,
+    device: str | None = None,
+    **data_options: Any,
+) -> tuple[torch.Tensor, ImageDataset]:
+    """Backbone features (N x F, float32) of every image of ``data``, and the dataset."""
+    backbone, info = load_encoder(checkpoint)
+    target = _device(device)
+    dataset = _load(data, info, **data_options)
+    return _features(backbone.to(target), info, dataset, batch_size, target), dataset
+
+
+def evaluate_encoder(
+    checkpoint: str | Path,
+    train: str,
+    test: str,
+    *,
+    knn_k: int = 200,
+    knn_temperature: float = 0.1,
+    linear: bool = False,
+    linear_epochs: int = 100,
+    batch_size: int = 512,
+    device: str | None = None,
+    **data_options: Any,
+) -> dict[str, Any]:
+    """kNN (and optionally linear-probe) test accuracy of a frozen pretrained encoder."""
+    backbone, info = load_encoder(checkpoint)
+    target = _device(device)
+    backbone.to(target)
+    train_data = _load(train, info, **data_options)
+    test_data = _load(test, info, **{**data_options, "max_samples": None})
+    for name, data in (("train", train_data), ("test", test_data)):
+        if data.labels is None:
+            raise DataError(f"--{name} data has no labels (use class subfolders)")
+    train_features = _features(backbone, info, train_data, batch_size, target)
+    test_features = _features(backbone, info, test_data, batch_size, target)
+    num_classes = int(max(train_data.labels.max(), test_data.labels.max())) + 1
+    results: dict[str, Any] = {
+        "train images": len(train_data),
+        "test images": len(test_data),
+        f"knn top-1 % (k={knn_k})": knn_accuracy(
+            train_features, train_data.labels, test_features, test_data.labels,
+            num_classes=num_classes, k=knn_k, temperature=knn_temperature,
+        ),
+    }
+    if linear:
+        probe = linear_probe(
+            train_features, train_data.labels, test_features, test_data.labels,
+            num_classes=num_classes, epochs=linear_epochs,
+        )
+        results["linear probe top-1 %"] = probe.test_accuracy
+    return results

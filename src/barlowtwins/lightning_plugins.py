@@ -1,0 +1,50 @@
+"""Lightning plugins: exact batch norm sync on any device, crash-safe and safe-to-load
+checkpoints."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch.plugins import LayerSync, TorchSyncBatchNorm
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from torch import nn
+
+from barlowtwins.checkpoint import atomic_write, safe_load
+from barlowtwins.distributed import revert_global_batchnorm, sync_batchnorm
+
+
+class GlobalBatchNormSync(LayerSync):
+    """Batch norms over the global batch on any device.
+
+    Lightning's built-in ``sync_batchnorm=True`` uses ``torch.nn.SyncBatchNorm``, which only
+    runs on CUDA. This plugin uses it on CUDA and :class:`GlobalBatchNorm` elsewhere (gloo on
+    CPU), so a W-process run normalises exactly like one process on the global batch.
+    Pass it as ``Trainer(plugins=[GlobalBatchNormSync()])`` with a DDP strategy.
+    """
+
+    def apply(self, model: nn.Module) -> nn.Module:
+        device = next(model.parameters()).device
+        return sync_batchnorm(model, device)
+
+    def revert(self, model: nn.Module) -> nn.Module:
+        return TorchSyncBatchNorm().revert(revert_global_batchnorm(model))
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoints written atomically (temporary file, fsync, rename) and read with
+    ``weights_only=True``, so a kill never leaves a half-written ``last.ckpt`` and a
+    checkpoint from elsewhere cannot run code when loaded."""
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any = None
+    ) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))
+
+    def load_checkpoint(
+        self, path: str | Path, map_location: Any = None, weights_only: bool | None = None
+    ) -> dict[str, Any]:
+        return safe_load(path)

@@ -1,0 +1,184 @@
+"""Barlow Twins as a LightningModule: augmentation on the device, exact DDP, online kNN."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+
+from barlowtwins.augment import BatchedBarlowTwinsAugment
+from barlowtwins.evaluation import knn_accuracy, prepare_images
+from barlowtwins.loss import BarlowTwinsLoss
+from barlowtwins.model import BarlowTwins
+from barlowtwins.optim import build_optimizer, build_warmup_cosine_scheduler
+from barlowtwins.transforms import barlow_twins_views, resolve_normalization
+
+# Validation dataloaders of the online kNN monitor, in this order.
+KNN_BANK, KNN_QUERY = 0, 1
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced a NaN or infinite loss."""
+
+
+class BarlowTwinsModule(L.LightningModule):
+    """Barlow Twins pretraining (Zbontar et al. 2021, https://arxiv.org/abs/2103.03230).
+
+    Batches are uint8 images ``(B, C, H, W)`` with labels and indices; both augmented views
+    are made on the training device (:class:`BatchedBarlowTwinsAugment`), so data loading
+    stays cheap. With ``gather_distributed`` the loss uses the global batch of all processes,
+    exactly (see :class:`BarlowTwinsLoss`); pair it with
+    :class:`barlowtwins.lightning_plugins.GlobalBatchNormSync` for the batch norms.
+
+    With two validation dataloaders (a labelled sample of the training data, then the test
+    data) it logs the weighted-kNN accuracy ``val_knn_acc`` of the backbone features.
+
+    Args:
+        backbone: Backbone name (see :func:`barlowtwins.backbones.build_backbone`).
+        in_channels: Image channels (1 or 3).
+        image_size: Side of the augmented square views.
+        small_image: CIFAR-style stem for images of at most 64 px.
+        projector_dims: Projector sizes; the paper uses (8192, 8192, 8192).
+        lambda_param: Off-diagonal weight of the loss.
+        optimizer: "lars" (the paper's), "sgd" or "adamw".
+        lr_weights: Base learning rate of weights (scaled by global batch / 256 for LARS/SGD).
+        lr_biases: Base learning rate of biases and norm parameters.
+        weight_decay: Weight decay of weights (biases and norms have none).
+        warmup_epochs: Linear warm-up before the cosine decay.
+        batch_size: Batch per device; the global batch is this times devices times nodes.
+        crop_scale: Random-resized-crop area range of both views (paper: 0.08-1).
+        mean: Normalisation mean per channel (default: ImageNet / grey).
+        std: Normalisation std per channel.
+        gather_distributed: Global-batch loss across processes.
+        channels_last: Use the channels-last memory format (faster convolutions).
+        knn_k: Neighbours of the kNN monitor.
+        knn_temperature: Temperature of the kNN votes.
+    """
+
+    def __init__(
+        self,
+        backbone: str = "resnet18",
+        in_channels: int = 3,
+        image_size: int = 32,
+        small_image: bool = True,
+        projector_dims: tuple[int, ...] = (2048, 2048, 2048),
+        lambda_param: float = 5e-3,
+        optimizer: str = "lars",
+        lr_weights: float = 0.2,
+        lr_biases: float = 0.0048,
+        weight_decay: float = 1.5e-6,
+        warmup_epochs: float = 10,
+        batch_size: int = 256,
+        crop_scale: tuple[float, float] | None = None,
+        mean: tuple[float, ...] | None = None,
+        std: tuple[float, ...] | None = None,
+        gather_distributed: bool = True,
+        channels_last: bool = True,
+        knn_k: int = 200,
+        knn_temperature: float = 0.1,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.model = BarlowTwins.from_name(
+            backbone,
+            in_channels=in_channels,
+            small_image=small_image,
+            projector_dims=tuple(projector_dims),
+        )
+        self.mean, self.std = resolve_normalization(in_channels, mean, std)
+        view_a, view_b = barlow_twins_views(image_size, in_channels, crop_scale=crop_scale)
+        self.augment = BatchedBarlowTwinsAugment(
+            image_size, in_channels, view_a, view_b, mean=self.mean, std=self.std
+        )
+        self.criterion = BarlowTwinsLoss(lambda_param, gather_distributed=gather_distributed)
+        self._memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self._knn_features: dict[int, list[Tensor]] = {KNN_BANK: [], KNN_QUERY: []}
+        self._knn_labels: dict[int, list[Tensor]] = {KNN_BANK: [], KNN_QUERY: []}
+
+    @property
+    def backbone(self) -> nn.Module:
+        """The encoder kept after pretraining."""
+        return self.model.backbone
+
+    def setup(self, stage: str) -> None:
+        self.model.to(memory_format=self._memory_format)
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        images, labels, _ = batch
+        if self._trainer is not None and self.trainer.training:
+            # Augmenting here runs on the device, outside autocast: the views are float32.
+            views = self.augment(images)
+        else:
+            views = (prepare_images(images, self.mean, self.std, self.hparams.image_size),)
+        return [v.contiguous(memory_format=self._memory_format) for v in views], labels
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        (view_a, view_b), _ = batch
+        loss = self.criterion(self.model(view_a), self.model(view_b))
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(
+                f"loss became {loss.item()} at step {self.global_step}; lower the learning "
+                "rate or use 32-bit precision (--precision 32)"
+            )
+        # The loss is already the global one on every rank: no sync_dist needed.
+        self.log("train_loss", loss, prog_bar=True, on_step=True, on_epoch=True)
+        return loss
+
+    def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        (images,), labels = batch
+        self._knn_features[dataloader_idx].append(self.model.features(images).float())
+        self._knn_labels[dataloader_idx].append(labels)
+
+    def on_validation_epoch_end(self) -> None:
+        if not self._knn_features[KNN_QUERY]:
+            return
+        bank, bank_labels, query, query_labels = (
+            self._gathered(store[idx])
+            for idx in (KNN_BANK, KNN_QUERY)
+            for store in (self._knn_features, self._knn_labels)
+        )
+        accuracy = knn_accuracy(
+            bank,
+            bank_labels,
+            query,
+            query_labels,
+            num_classes=int(bank_labels.max()) + 1,
+            k=self.hparams.knn_k,
+            temperature=self.hparams.knn_temperature,
+        )
+        self.log("val_knn_acc", accuracy, prog_bar=True, rank_zero_only=True)
+        for store in (self._knn_features, self._knn_labels):
+            for chunks in store.values():
+                chunks.clear()
+
+    def _gathered(self, chunks: list[Tensor]) -> Tensor:
+        local = torch.cat(chunks)
+        if self.trainer.world_size == 1:
+            return local
+        return self.all_gather(local).flatten(0, 1)
+
+    def configure_optimizers(self) -> Any:
+        global_batch = (
+            self.hparams.batch_size * self.trainer.world_size * self.trainer.accumulate_grad_batches
+        )
+        optimizer = build_optimizer(
+            self.model,
+            name=self.hparams.optimizer,
+            batch_size=global_batch,
+            lr_weights=self.hparams.lr_weights,
+            lr_biases=self.hparams.lr_biases,
+            weight_decay=self.hparams.weight_decay,
+        )
+        total_steps = max(1, int(self.trainer.estimated_stepping_batches))
+        steps_per_epoch = total_steps / max(1, self.trainer.max_epochs or 1)
+        warmup_steps = min(int(self.hparams.warmup_epochs * steps_per_epoch), total_steps - 1)
+        scheduler = build_warmup_cosine_scheduler(
+            optimizer, warmup_steps=max(0, warmup_steps), total_steps=total_steps
+        )
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
+

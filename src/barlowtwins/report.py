@@ -1,0 +1,115 @@
+"""The end of ``fit``: test kNN accuracy against the baselines, and the plots."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from barlowtwins.backbones import build_backbone
+from barlowtwins.checkpoint import EncoderInfo
+from barlowtwins.data import ImageDataset, InMemoryImages
+from barlowtwins.evaluation import extract_features, knn_accuracy, raw_pixel_features
+
+_log = logging.getLogger("barlowtwins")
+
+# t-SNE is quadratic-ish: a few thousand test points show the clusters in seconds.
+_TSNE_POINTS = 3000
+
+
+def score_encoders(
+    backbone: nn.Module,
+    info: EncoderInfo,
+    train: ImageDataset,
+    test: ImageDataset,
+    *,
+    k: int,
+    temperature: float = 0.1,
+    seed: int = 0,
+    precision: str = "32",
+) -> tuple[dict[str, Any], torch.Tensor]:
+    """Test kNN accuracy of the trained encoder, the same encoder at random init, and pixels.
+
+    All three use the same protocol: the whole ``train`` set votes (weighted kNN, cosine
+    similarity) for each ``test`` image.
+
+    Returns:
+        The accuracies (percent) with the protocol, and the trained encoder's test features.
+    """
+    assert train.labels is not None and test.labels is not None
+    device = next(backbone.parameters()).device
+    num_classes = int(max(train.labels.max(), test.labels.max())) + 1
+
+    def features(encoder: nn.Module, data: ImageDataset) -> torch.Tensor:
+        return extract_features(
+            encoder, data, device=device, mean=info.mean, std=info.std,
+            image_size=info.image_size, precision=precision,
+        )
+
+    def accuracy(train_features: torch.Tensor, test_features: torch.Tensor) -> float:
+        return knn_accuracy(
+            train_features, train.labels, test_features, test.labels,
+            num_classes=num_classes, k=k, temperature=temperature,
+        )
+
+    test_features = features(backbone, test)
+    scores: dict[str, Any] = {"k": k, "temperature": temperature, "test_images": len(test)}
+    scores["barlow twins"] = accuracy(features(backbone, train), test_features)
+
+    torch.manual_seed(seed)
+    random_init, _ = build_backbone(
+        info.backbone, in_channels=info.in_channels, small_image=info.small_image
+    )
+    random_init.to(device)
+    scores["random init"] = accuracy(features(random_init, train), features(random_init, test))
+    if isinstance(train, InMemoryImages) and isinstance(test, InMemoryImages):
+        scores["raw pixels"] = accuracy(
+            raw_pixel_features(train.images), raw_pixel_features(test.images)
+        )
+    return scores, test_features
+
+
+def write_plots(
+    output: Path,
+    *,
+    scores: dict[str, Any] | None,
+    test_features: torch.Tensor | None,
+    test: ImageDataset | None,
+    cross_correlation: torch.Tensor | None,
+) -> list[str]:
+    """Write the PNGs of a run into ``output/plots``; returns their names.
+
+    A plot that cannot be drawn (e.g. no kNN monitor ran) is skipped with a log line: plots
+    never fail a finished training run.
+    """
+    from barlowtwins import plots
+
+    directory = output / "plots"
+    directory.mkdir(exist_ok=True)
+    metrics = output / "metrics.csv"
+    baselines = (
+        {name: scores[name] for name in ("random init", "raw pixels") if name in scores}
+        if scores else None
+    )
+    jobs: list[tuple[str, Any]] = [
+        ("loss.png", lambda out: plots.plot_loss(metrics, out)),
+        ("knn_accuracy.png", lambda out: plots.plot_knn_accuracy(metrics, out, baselines)),
+    ]
+    if cross_correlation is not None:
+        jobs.append(("cross_correlation.png",
+                     lambda out: plots.plot_cross_correlation(cross_correlation, out)))
+    if test_features is not None and test is not None:
+        jobs.append(("embedding_tsne.png", lambda out: plots.plot_embedding_2d(
+            test_features, test.labels, out, class_names=test.classes, max_points=_TSNE_POINTS,
+        )))
+    written = []
+    for name, draw in jobs:
+        try:
+            draw(directory / name)
+            written.append(name)
+        except (ValueError, OSError) as error:
+            _log.warning("skipped plot %s: %s", name, error)
+    return written

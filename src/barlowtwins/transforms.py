@@ -1,0 +1,312 @@
+"""Barlow Twins view configuration and the per-sample (PIL) two-view transform.
+
+The augmentations follow the paper's appendix (Zbontar et al. 2021, arXiv 2103.03230,
+Section A "Image augmentations"), which reuses BYOL's (Grill et al. 2020) pipeline: random
+resized crop, horizontal flip, colour jitter, grayscale, Gaussian blur and solarisation, with
+blur and solarisation probabilities that differ between the two views.
+
+:class:`ViewConfig` describes one view; :func:`barlow_twins_views` builds the paper's
+asymmetric pair with presets for tiny and grayscale images. :class:`BarlowTwinsTransform`
+applies the pair to one PIL image at a time (Dataset use); the batched equivalent for the
+training hot path lives in :mod:`barlowtwins.augment`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+import torch
+from PIL import Image
+from torch import Tensor
+from torchvision.transforms import v2
+
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+# The mean of the ImageNet channel statistics, the usual choice for one-channel inputs.
+GRAYSCALE_MEAN: tuple[float] = (0.449,)
+GRAYSCALE_STD: tuple[float] = (0.226,)
+
+# Images at most this large get no blur: a kernel of ~10% of 32 px is 3 px, which wipes out
+# most of the detail of a tiny image (CIFAR recipes drop the blur for that reason).
+_NO_BLUR_MAX_SIZE = 32
+
+
+@dataclass(frozen=True)
+class ViewConfig:
+    """Augmentation parameters of one view (paper appendix A; BYOL's augmentations).
+
+    Defaults are those of the paper's first view. Probabilities lie in [0, 1]; an operation
+    whose probability or strength is 0 is skipped.
+
+    Attributes:
+        crop_scale: Range of the crop area as a fraction of the image area.
+        crop_ratio: Range of the crop aspect ratio (width / height), sampled log-uniformly.
+        hflip_prob: Probability of a horizontal flip.
+        color_jitter_prob: Probability of applying colour jitter.
+        brightness: Brightness factor is drawn from [max(0, 1 - b), 1 + b].
+        contrast: Contrast factor is drawn from [max(0, 1 - c), 1 + c].
+        saturation: Saturation factor is drawn from [max(0, 1 - s), 1 + s].
+        hue: Hue shift (fraction of a full turn) is drawn from [-hue, hue]; at most 0.5.
+        grayscale_prob: Probability of converting to grayscale.
+        blur_prob: Probability of a Gaussian blur.
+        blur_sigma: Range of the blur's standard deviation in pixels.
+        solarize_prob: Probability of solarisation (inverting values >= 0.5).
+    """
+
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    hflip_prob: float = 0.5
+    color_jitter_prob: float = 0.8
+    brightness: float = 0.4
+    contrast: float = 0.4
+    saturation: float = 0.2
+    hue: float = 0.1
+    grayscale_prob: float = 0.2
+    blur_prob: float = 1.0
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
+    solarize_prob: float = 0.0
+
+    def __post_init__(self) -> None:
+        """Check every field and normalise the ranges to tuples of floats."""
+        for name in ("crop_scale", "crop_ratio", "blur_sigma"):
+            object.__setattr__(self, name, _as_range(name, getattr(self, name)))
+        low, high = self.crop_scale
+        if not 0.0 < low <= high <= 1.0:
+            raise ValueError(f"crop_scale must satisfy 0 < low <= high <= 1, got {self.crop_scale}")
+        low, high = self.crop_ratio
+        if not 0.0 < low <= high:
+            raise ValueError(f"crop_ratio must satisfy 0 < low <= high, got {self.crop_ratio}")
+        low, high = self.blur_sigma
+        if not 0.0 < low <= high:
+            raise ValueError(f"blur_sigma must satisfy 0 < low <= high, got {self.blur_sigma}")
+        for name in (
+            "hflip_prob",
+            "color_jitter_prob",
+            "grayscale_prob",
+            "blur_prob",
+            "solarize_prob",
+        ):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name} must be a probability in [0, 1], got {value}")
+        for name in ("brightness", "contrast", "saturation"):
+            value = getattr(self, name)
+            if not (value >= 0.0 and math.isfinite(value)):
+                raise ValueError(f"{name} must be a finite strength >= 0, got {value}")
+        if not 0.0 <= self.hue <= 0.5:
+            raise ValueError(f"hue must be in [0, 0.5], got {self.hue}")
+
+
+def _as_range(name: str, value: Sequence[float]) -> tuple[float, float]:
+    """Return ``value`` as a ``(low, high)`` tuple of finite floats."""
+    try:
+        low, high = (float(v) for v in value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a pair (low, high) of numbers, got {value!r}") from None
+    if not (math.isfinite(low) and math.isfinite(high)):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    return low, high
+
+
+def barlow_twins_views(
+    image_size: int,
+    channels: int = 3,
+    crop_scale: tuple[float, float] | None = None,
+) -> tuple[ViewConfig, ViewConfig]:
+    """Return the paper's asymmetric pair of view configurations.
+
+    View A always blurs and never solarises; view B blurs with probability 0.1 and solarises
+    with probability 0.2 (paper appendix A). Presets adapt the pair to the data:
+
+    * ``image_size <= 32``: no blur in either view (as in CIFAR recipes: blur erases tiny
+      images).
+    * ``channels == 1``: no saturation, hue or grayscale (meaningless without colour).
+
+    Args:
+        image_size: Side of the square output views in pixels.
+        channels: 1 (grayscale) or 3 (RGB).
+        crop_scale: Overrides both views' crop area range when given.
+
+    Returns:
+        The configurations of view A and view B.
+
+    Raises:
+        ValueError: If ``image_size`` < 1 or ``channels`` is not 1 or 3.
+    """
+    _check_image_size(image_size)
+    _check_channels(channels)
+    overrides: dict[str, object] = {}
+    if crop_scale is not None:
+        overrides["crop_scale"] = crop_scale
+    if channels == 1:
+        overrides.update(saturation=0.0, hue=0.0, grayscale_prob=0.0)
+    blur = image_size > _NO_BLUR_MAX_SIZE
+    view_a = ViewConfig(blur_prob=1.0 if blur else 0.0, solarize_prob=0.0)
+    view_b = ViewConfig(blur_prob=0.1 if blur else 0.0, solarize_prob=0.2)
+    return replace(view_a, **overrides), replace(view_b, **overrides)
+
+
+def default_normalization(channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Return the ``(mean, std)`` used to normalise views with ``channels`` channels.
+
+    Raises:
+        ValueError: If ``channels`` is not 1 or 3.
+    """
+    _check_channels(channels)
+    if channels == 3:
+        return IMAGENET_MEAN, IMAGENET_STD
+    return GRAYSCALE_MEAN, GRAYSCALE_STD
+
+
+def blur_kernel_size(image_size: int) -> int:
+    """Return the Gaussian blur kernel side: ~10% of the image side, odd, at least 3.
+
+    BYOL (which the paper follows) uses 23 px for 224 px crops.
+    """
+    _check_image_size(image_size)
+    size = int(0.1 * image_size)
+    return max(3, size + 1 - size % 2)
+
+
+def resolve_normalization(
+    channels: int,
+    mean: Sequence[float] | None,
+    std: Sequence[float] | None,
+) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Fill in the default ``mean``/``std`` for ``channels`` and check the given ones.
+
+    Raises:
+        ValueError: If a statistic has the wrong length or a standard deviation is not > 0.
+    """
+    default_mean, default_std = default_normalization(channels)
+    mean = default_mean if mean is None else tuple(float(m) for m in mean)
+    std = default_std if std is None else tuple(float(s) for s in std)
+    if len(mean) != channels or len(std) != channels:
+        raise ValueError(
+            f"mean and std need {channels} values each, got {len(mean)} and {len(std)}"
+        )
+    if not all(s > 0 for s in std):
+        raise ValueError(f"std values must be > 0, got {std}")
+    return mean, std
+
+
+def _check_image_size(image_size: int) -> None:
+    if int(image_size) != image_size or image_size < 1:
+        raise ValueError(f"image_size must be a positive integer, got {image_size}")
+
+
+def _check_channels(channels: int) -> None:
+    if channels not in (1, 3):
+        raise ValueError(f"channels must be 1 (grayscale) or 3 (RGB), got {channels}")
+
+
+class BarlowTwinsTransform:
+    """Two augmented views of one PIL image, for use as a ``Dataset`` transform.
+
+    Each view is a torchvision ``transforms.v2`` pipeline applied to the PIL image, as in the
+    paper's released code: random resized crop (bicubic, antialiased), horizontal flip, colour
+    jitter, grayscale, Gaussian blur (kernel ~10% of the size, as BYOL's 23 px at 224 px),
+    solarisation (threshold 128 on the 8-bit image), then conversion to float and
+    normalisation. Randomness comes from torch's global generator, so DataLoader workers draw
+    independent views.
+
+    Args:
+        image_size: Side of the square output views in pixels.
+        channels: 1 (views are grayscale) or 3 (RGB). Inputs of any PIL mode are converted.
+        view_a: Configuration of the first view; defaults to :func:`barlow_twins_views`.
+        view_b: Configuration of the second view; defaults to :func:`barlow_twins_views`.
+        mean: Per-channel normalisation mean; defaults to :func:`default_normalization`.
+        std: Per-channel normalisation std; defaults to :func:`default_normalization`.
+
+    Examples:
+        >>> transform = BarlowTwinsTransform(image_size=32)
+        >>> view_a, view_b = transform(Image.new("RGB", (40, 40)))
+        >>> view_a.shape
+        torch.Size([3, 32, 32])
+    """
+
+    def __init__(
+        self,
+        image_size: int = 224,
+        channels: int = 3,
+        view_a: ViewConfig | None = None,
+        view_b: ViewConfig | None = None,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+    ) -> None:
+        default_a, default_b = barlow_twins_views(image_size, channels)
+        self.image_size = int(image_size)
+        self.channels = channels
+        self.view_a = default_a if view_a is None else view_a
+        self.view_b = default_b if view_b is None else view_b
+        self.mean, self.std = resolve_normalization(channels, mean, std)
+        self._mode = "L" if channels == 1 else "RGB"
+        self._pipeline_a = self._build(self.view_a)
+        self._pipeline_b = self._build(self.view_b)
+
+    def __call__(self, img: Image.Image) -> tuple[Tensor, Tensor]:
+        """Return two normalised float32 views of shape (channels, image_size, image_size).
+
+        Raises:
+            ValueError: If ``img`` is not a PIL image.
+        """
+        if not isinstance(img, Image.Image):
+            raise ValueError(f"expected a PIL.Image.Image, got {type(img).__name__}")
+        img = _convert_mode(img, self._mode)
+        return self._pipeline_a(img), self._pipeline_b(img)
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(image_size={self.image_size}, channels={self.channels}, "
+            f"view_a={self.view_a}, view_b={self.view_b}, mean={self.mean}, std={self.std})"
+        )
+
+    def _build(self, config: ViewConfig) -> v2.Compose:
+        """Build one view's pipeline, leaving out operations that can never change the image."""
+        ops: list[v2.Transform] = [
+            v2.RandomResizedCrop(
+                self.image_size,
+                scale=config.crop_scale,
+                ratio=config.crop_ratio,
+                interpolation=v2.InterpolationMode.BICUBIC,
+                antialias=True,
+            )
+        ]
+        if config.hflip_prob > 0:
+            ops.append(v2.RandomHorizontalFlip(p=config.hflip_prob))
+        colour = self.channels == 3
+        strengths = {
+            "brightness": config.brightness,
+            "contrast": config.contrast,
+            "saturation": config.saturation if colour else 0.0,
+            "hue": config.hue if colour else 0.0,
+        }
+        if config.color_jitter_prob > 0 and any(strengths.values()):
+            jitter = v2.ColorJitter(**{k: v for k, v in strengths.items() if v > 0})
+            ops.append(v2.RandomApply([jitter], p=config.color_jitter_prob))
+        if colour and config.grayscale_prob > 0:
+            ops.append(v2.RandomGrayscale(p=config.grayscale_prob))
+        if config.blur_prob > 0:
+            blur = v2.GaussianBlur(blur_kernel_size(self.image_size), sigma=config.blur_sigma)
+            ops.append(v2.RandomApply([blur], p=config.blur_prob))
+        if config.solarize_prob > 0:
+            # The image is still 8-bit here, so 128 is the 0.5 of the batched augmentation.
+            ops.append(v2.RandomSolarize(threshold=128, p=config.solarize_prob))
+        ops += [
+            v2.ToImage(),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(mean=list(self.mean), std=list(self.std)),
+        ]
+        return v2.Compose(ops)
+
+
+def _convert_mode(img: Image.Image, mode: str) -> Image.Image:
+    """Convert ``img`` to ``mode`` ("L" or "RGB"), dropping any alpha channel."""
+    if img.mode == mode:
+        return img
+    if img.mode == "P" and "transparency" in img.info:
+        # PIL asks for palette images with transparency to go through RGBA.
+        img = img.convert("RGBA")
+    return img.convert(mode)

@@ -1,0 +1,265 @@
+"""Tests of the batched two-view augmentation with per-sample random parameters."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as TF
+
+from barlowtwins import augment
+from barlowtwins.augment import BatchedBarlowTwinsAugment
+from barlowtwins.transforms import IMAGENET_MEAN, IMAGENET_STD, ViewConfig
+
+IDENTITY = ViewConfig(
+    crop_scale=(1.0, 1.0),
+    crop_ratio=(1.0, 1.0),
+    hflip_prob=0.0,
+    color_jitter_prob=0.0,
+    grayscale_prob=0.0,
+    blur_prob=0.0,
+    solarize_prob=0.0,
+)
+
+
+def _images(batch: int, channels: int = 3, size: tuple[int, int] = (32, 32)) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(0)
+    return torch.randint(0, 256, (batch, channels, *size), dtype=torch.uint8, generator=generator)
+
+
+def _seeded(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.mark.parametrize(
+    ("channels", "dtype", "size", "out"),
+    [
+        (3, torch.uint8, (40, 48), 32),
+        (1, torch.float32, (30, 20), 24),
+        (3, torch.float64, (64, 64), 48),
+    ],
+)
+def test_output_shapes_dtypes_and_values(
+    channels: int, dtype: torch.dtype, size: tuple[int, int], out: int
+) -> None:
+    images = _images(6, channels, size)
+    if dtype != torch.uint8:
+        images = images.to(dtype) / 255
+    view_a, view_b = BatchedBarlowTwinsAugment(out, channels=channels)(images, _seeded())
+    for view in (view_a, view_b):
+        assert view.shape == (6, channels, out, out)
+        assert view.dtype == torch.float32
+        assert view.is_contiguous()
+        assert torch.isfinite(view).all()
+    assert not torch.equal(view_a, view_b)
+
+
+def test_every_sample_draws_its_own_parameters() -> None:
+    images = _images(1).expand(16, -1, -1, -1)
+    for view in BatchedBarlowTwinsAugment(32)(images, _seeded()):
+        flat = view.flatten(1)
+        distinct = torch.cdist(flat, flat) + torch.eye(16) > 1e-3
+        assert distinct.all(), "two samples of the batch got the same augmentation"
+
+
+def test_identity_configuration_gives_the_normalised_resized_input() -> None:
+    images = _images(4, size=(48, 48))
+    aug = BatchedBarlowTwinsAugment(32, view_a=IDENTITY, view_b=IDENTITY)
+    resized = F.interpolate(images.float() / 255, size=32, mode="bilinear", align_corners=False)
+    torch.testing.assert_close(aug.augment_view(images.float() / 255, IDENTITY), resized)
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    for view in aug(images):
+        torch.testing.assert_close(view, (resized - mean) / std)
+
+
+def test_crop_and_flip_match_torchvision_resized_crop() -> None:
+    """One grid_sample equals crop + bilinear resize (+ flip) of each sample's own box."""
+    images = torch.rand(4, 3, 30, 40, generator=_seeded())
+    boxes = torch.tensor([[0, 0, 30, 40], [5, 7, 20, 30], [3, 1, 8, 8], [10, 20, 17, 9]])
+    top, left, height, width = boxes.float().unbind(1)
+    flip = torch.tensor([1.0, -1.0, 1.0, -1.0])
+    out = augment._resized_crop(
+        images,
+        augment._axis_map(left, width, 40, flip),
+        augment._axis_map(top, height, 30, torch.ones(4)),
+        grid=torch.empty(4, 16, 16, 2),
+    )
+    for i, (t, l, h, w) in enumerate(boxes.tolist()):
+        expected = TF.resized_crop(
+            images[i], t, l, h, w, [16, 16], v2.InterpolationMode.BILINEAR, antialias=False
+        )
+        expected = expected.flip(-1) if flip[i] < 0 else expected
+        torch.testing.assert_close(out[i], expected, atol=1e-5, rtol=0)
+
+
+def test_crop_boxes_follow_random_resized_crop() -> None:
+    config = ViewConfig(crop_scale=(0.2, 0.9))
+    uniforms = torch.rand(4000, augment._CROP_COLS, generator=_seeded())
+    top, left, height, width = augment._sample_crop_boxes(uniforms, 60, 80, config)
+    for value in (top, left, height, width):
+        assert torch.equal(value, value.round())
+    assert (top >= 0).all() and (left >= 0).all()
+    assert (top + height <= 60).all() and (left + width <= 80).all()
+    area = height * width / (60 * 80)
+    assert area.min() >= 0.19 and area.max() <= 0.91
+    ratio = (width / height).log()
+    assert ratio.abs().max() <= abs(torch.tensor(3 / 4).log()) + 0.1
+    # Same distribution as torchvision's sampler (rejection of boxes that do not fit included).
+    torch.manual_seed(0)
+    crop = v2.RandomResizedCrop(8, scale=(0.2, 0.9))
+    reference = [crop.make_params([torch.empty(3, 60, 80)]) for _ in range(4000)]
+    ref_area = torch.tensor([p["height"] * p["width"] / (60 * 80) for p in reference])
+    ref_top = torch.tensor([float(p["top"]) for p in reference])
+    assert area.mean().item() == pytest.approx(ref_area.mean().item(), abs=0.015)
+    assert area.std().item() == pytest.approx(ref_area.std().item(), abs=0.015)
+    assert top.mean().item() == pytest.approx(ref_top.mean().item(), abs=0.6)
+
+
+def test_impossible_crop_falls_back_to_the_centre() -> None:
+    config = ViewConfig(crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0))
+    uniforms = torch.rand(5, augment._CROP_COLS, generator=_seeded())
+    top, left, height, width = augment._sample_crop_boxes(uniforms, 20, 30, config)
+    assert top.tolist() == [0.0] * 5 and left.tolist() == [5.0] * 5
+    assert height.tolist() == [20.0] * 5 and width.tolist() == [20.0] * 5
+
+
+def test_color_jitter_matches_torchvision_per_sample() -> None:
+    """Factors, per-sample random order and clipping equal torchvision's ColorJitter."""
+    config = replace(
+        IDENTITY, color_jitter_prob=0.7, brightness=0.4, contrast=0.4, saturation=0.4, hue=0.3
+    )
+    images = torch.rand(48, 3, 12, 12, generator=_seeded(1))
+    out = BatchedBarlowTwinsAugment(12).augment_view(images, config, _seeded(3))
+    # Replay the draw: one row of uniforms per sample, in the layout _sample uses.
+    uniforms = torch.rand(48, augment._N_UNIFORMS, generator=_seeded(3))[:, augment._CROP_COLS :]
+    jittered, factors, order = uniforms[:, 1] < 0.7, uniforms[:, 2:6], uniforms[:, 6:10].argsort(1)
+    ops = [TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue]
+    for i in range(48):
+        expected = images[i]
+        if jittered[i]:
+            for op in order[i].tolist():
+                u = factors[i, op].item()
+                expected = ops[op](expected, 0.6 + 0.8 * u if op < 3 else -0.3 + 0.6 * u)
+        torch.testing.assert_close(out[i], expected, atol=1e-5, rtol=0)
+
+
+def test_hue_shift_matches_torchvision() -> None:
+    images = torch.rand(5, 3, 9, 9, generator=_seeded())
+    images[0, :, :3] = 0.5  # gray pixels
+    images[1, 1] = images[1, 0]  # ties between the maximum channels
+    shifts = torch.tensor([0.1, -0.1, 0.5, -0.5, 0.03])
+    out = augment._shift_hue(images, shifts)
+    for i in range(5):
+        expected = TF.adjust_hue(images[i], shifts[i].item())
+        torch.testing.assert_close(out[i], expected, atol=1e-5, rtol=0)
+
+
+def test_blur_matches_torchvision_with_per_sample_sigma() -> None:
+    images = torch.rand(3, 3, 40, 40, generator=_seeded())
+    sigma = torch.tensor([0.1, 1.0, 2.0])
+    out = augment._blur(images, sigma, kernel_size=11)
+    for i in range(3):
+        expected = TF.gaussian_blur(images[i], [11, 11], [sigma[i].item()] * 2)
+        torch.testing.assert_close(out[i], expected, atol=1e-4, rtol=0)
+
+
+def test_solarize_grayscale_and_flip_with_probability_one() -> None:
+    images = _images(4, size=(16, 16)).float() / 255
+    aug = BatchedBarlowTwinsAugment(16)
+    solarized = aug.augment_view(images, replace(IDENTITY, solarize_prob=1.0))
+    torch.testing.assert_close(solarized, torch.where(images >= 0.5, 1 - images, images))
+    gray = aug.augment_view(images, replace(IDENTITY, grayscale_prob=1.0))
+    luma = 0.2989 * images[:, 0] + 0.587 * images[:, 1] + 0.114 * images[:, 2]
+    torch.testing.assert_close(gray, luma[:, None].expand(-1, 3, -1, -1))
+    flipped = aug.augment_view(images, replace(IDENTITY, hflip_prob=1.0))
+    torch.testing.assert_close(flipped, images.flip(-1))
+
+
+def test_probabilities_select_about_that_share_of_samples() -> None:
+    images = torch.rand(1, 3, 8, 8, generator=_seeded()).expand(2000, -1, -1, -1)
+    out = BatchedBarlowTwinsAugment(8).augment_view(images, replace(IDENTITY, hflip_prob=0.3))
+    flipped = (out - images.flip(-1)).flatten(1).abs().amax(1) < 1e-6
+    assert flipped.float().mean().item() == pytest.approx(0.3, abs=0.04)
+
+
+def test_seeded_generator_is_deterministic() -> None:
+    images = _images(8, size=(40, 40))
+    aug = BatchedBarlowTwinsAugment(36)
+    first, second, other = aug(images, _seeded(5)), aug(images, _seeded(5)), aug(images, _seeded(6))
+    assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
+    assert not torch.equal(first[0], other[0])
+
+
+def test_results_do_not_depend_on_the_chunk_size(monkeypatch: pytest.MonkeyPatch) -> None:
+    images = _images(7, size=(40, 40))
+    aug = BatchedBarlowTwinsAugment(36)
+    whole = aug(images, _seeded(2))
+    monkeypatch.setattr(augment, "_CPU_CHUNK_ELEMENTS", 3 * 40 * 40 * 2)  # two samples a chunk
+    for a, b in zip(whole, aug(images, _seeded(2)), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+def test_presets_for_small_and_grayscale_images() -> None:
+    small = BatchedBarlowTwinsAugment(32)
+    assert small.view_a.blur_prob == small.view_b.blur_prob == 0.0
+    gray = BatchedBarlowTwinsAugment(64, channels=1)
+    assert gray.view_a.hue == gray.view_a.saturation == gray.view_a.grayscale_prob == 0.0
+    assert gray.mean == (0.449,) and gray.std == (0.226,)
+    assert BatchedBarlowTwinsAugment(64).view_a.blur_prob == 1.0
+
+
+def test_grayscale_images_ignore_colour_operations() -> None:
+    colour = replace(IDENTITY, color_jitter_prob=1.0, brightness=0.0, contrast=0.0, hue=0.5)
+    images = torch.rand(4, 1, 8, 8, generator=_seeded())
+    out = BatchedBarlowTwinsAugment(8, channels=1).augment_view(images, colour)
+    torch.testing.assert_close(out, images)
+
+
+@pytest.mark.parametrize(
+    "images",
+    [
+        torch.zeros(2, 3, 8),
+        torch.zeros(2, 1, 8, 8),
+        torch.zeros(2, 3, 8, 8, dtype=torch.int32),
+        torch.zeros(2, 3, 0, 8),
+    ],
+)
+def test_bad_images_raise(images: torch.Tensor) -> None:
+    with pytest.raises(ValueError):
+        BatchedBarlowTwinsAugment(8)(images)
+
+
+def test_bad_normalisation_raises() -> None:
+    with pytest.raises(ValueError):
+        BatchedBarlowTwinsAugment(8, mean=(0.5,), std=(0.5,))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_runs_on_cuda_with_a_cuda_generator() -> None:
+    aug = BatchedBarlowTwinsAugment(32).cuda()
+    images = _images(16, size=(40, 40)).cuda()
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    view_a, view_b = aug(images, generator)
+    assert view_a.device.type == view_b.device.type == "cuda"
+    assert view_a.shape == (16, 3, 32, 32) and torch.isfinite(view_a).all()
+    with pytest.raises(ValueError):
+        aug(images, _seeded())
+
+
+def test_empty_batch_gives_empty_views() -> None:
+    view_a, view_b = BatchedBarlowTwinsAugment(16)(torch.zeros(0, 3, 20, 20, dtype=torch.uint8))
+    assert view_a.shape == view_b.shape == (0, 3, 16, 16)
+
+
+def test_channels_last_input_gives_the_same_views() -> None:
+    images = _images(5, size=(40, 40))
+    aug = BatchedBarlowTwinsAugment(32)
+    expected = aug(images, _seeded(4))
+    channels_last = images.contiguous(memory_format=torch.channels_last)
+    for a, b in zip(expected, aug(channels_last, _seeded(4)), strict=True):
+        torch.testing.assert_close(a, b)

@@ -1,0 +1,163 @@
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from _distributed import run_distributed
+from barlowtwins import BarlowTwinsLoss
+
+
+def _paper_loss(z_a: torch.Tensor, z_b: torch.Tensor, lambda_param: float) -> torch.Tensor:
+    """Algorithm 1 of the paper, written with an explicit mask (BatchNorm-style statistics)."""
+    n, d = z_a.shape
+    z_a_norm = (z_a - z_a.mean(0)) / torch.sqrt(z_a.var(0, unbiased=False) + 1e-5)
+    z_b_norm = (z_b - z_b.mean(0)) / torch.sqrt(z_b.var(0, unbiased=False) + 1e-5)
+    c = z_a_norm.T @ z_b_norm / n
+    c_diff = (c - torch.eye(d, dtype=c.dtype)).pow(2)
+    off_diagonal = ~torch.eye(d, dtype=torch.bool)
+    c_diff[off_diagonal] *= lambda_param
+    return c_diff.sum()
+
+
+@pytest.mark.parametrize("lambda_param", [5e-3, 0.0051, 0.5])
+def test_matches_paper_pseudocode_values_and_gradients(lambda_param: float) -> None:
+    gen = torch.Generator().manual_seed(0)
+    z_a = torch.randn(32, 20, dtype=torch.float64, generator=gen).requires_grad_()
+    z_b = z_a.detach() * 0.5 + torch.randn(32, 20, dtype=torch.float64, generator=gen)
+    z_b.requires_grad_()
+
+    ours = BarlowTwinsLoss(lambda_param=lambda_param)(z_a, z_b)
+    ours_grads = torch.autograd.grad(ours, (z_a, z_b))
+    reference = _paper_loss(z_a, z_b, lambda_param)
+    reference_grads = torch.autograd.grad(reference, (z_a, z_b))
+
+    torch.testing.assert_close(ours, reference, rtol=1e-12, atol=1e-12)
+    for got, expected in zip(ours_grads, reference_grads, strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_identical_standardised_views_give_zero_on_diagonal_term() -> None:
+    z = torch.randn(64, 8, dtype=torch.float64)
+    loss = BarlowTwinsLoss(lambda_param=0.0)(z, z)
+    # c_ii = var / (var + eps), so the on-diagonal term is tiny but not exactly zero.
+    assert 0 <= loss.item() < 1e-8
+
+
+def test_invariant_to_per_feature_affine_maps() -> None:
+    gen = torch.Generator().manual_seed(1)
+    z_a = torch.randn(16, 6, dtype=torch.float64, generator=gen)
+    z_b = torch.randn(16, 6, dtype=torch.float64, generator=gen)
+    scale = torch.rand(6, dtype=torch.float64, generator=gen) * 10 + 1
+    shift = torch.randn(6, dtype=torch.float64, generator=gen) * 100
+    loss_fn = BarlowTwinsLoss()
+    # Exact up to the batch-norm epsilon, which weighs less as the variance grows.
+    torch.testing.assert_close(
+        loss_fn(z_a * scale + shift, z_b), loss_fn(z_a, z_b), rtol=1e-5, atol=0
+    )
+
+
+def test_computes_in_float32_under_bf16_autocast() -> None:
+    gen = torch.Generator().manual_seed(2)
+    z_a = torch.randn(64, 512, generator=gen)
+    z_b = z_a + 0.1 * torch.randn(64, 512, generator=gen)
+    expected = BarlowTwinsLoss()(z_a, z_b)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = BarlowTwinsLoss()(z_a.bfloat16(), z_b.bfloat16())
+    assert got.dtype == torch.float32
+    # Only the bf16 rounding of the inputs differs, not the arithmetic of the loss.
+    torch.testing.assert_close(got, expected, rtol=2e-2, atol=0)
+
+
+def test_float64_input_stays_float64() -> None:
+    z = torch.randn(4, 3, dtype=torch.float64)
+    assert BarlowTwinsLoss()(z, z.flip(0)).dtype == torch.float64
+
+
+@pytest.mark.parametrize(
+    ("z_a", "z_b", "message"),
+    [
+        (torch.randn(1, 4), torch.randn(1, 4), "batch size must be >= 2"),
+        (torch.randn(4, 3), torch.randn(4, 5), "same shape"),
+        (torch.randn(5, 3), torch.randn(4, 3), "same shape"),
+        (torch.randn(4, 3, 2), torch.randn(4, 3, 2), "must be 2-D"),
+        (torch.randn(4), torch.randn(4), "must be 2-D"),
+    ],
+)
+def test_bad_input_raises_value_error(z_a: torch.Tensor, z_b: torch.Tensor, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        BarlowTwinsLoss()(z_a, z_b)
+
+
+def test_negative_lambda_is_rejected() -> None:
+    with pytest.raises(ValueError, match="lambda_param"):
+        BarlowTwinsLoss(lambda_param=-1.0)
+
+
+# Shards with different statistics and sizes: rank 1's inputs are shifted and scaled.
+_SHARD_SIZES = (6, 4)
+
+
+def _global_inputs() -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(3)
+    x_a = torch.randn(sum(_SHARD_SIZES), 5, dtype=torch.float64, generator=gen)
+    x_b = x_a + 0.3 * torch.randn(sum(_SHARD_SIZES), 5, dtype=torch.float64, generator=gen)
+    x_a[_SHARD_SIZES[0] :] = x_a[_SHARD_SIZES[0] :] * 4.0 + 3.0
+    x_b[_SHARD_SIZES[0] :] = x_b[_SHARD_SIZES[0] :] * 0.2 - 5.0
+    return x_a, x_b
+
+
+def _projection() -> torch.nn.Linear:
+    torch.manual_seed(4)
+    # No bias: the loss is shift-invariant, so a bias gradient is rounding noise around 0.
+    return torch.nn.Linear(5, 7, bias=False).double()
+
+
+def _exactness_worker(rank: int, world_size: int) -> None:
+    x_a, x_b = _global_inputs()
+
+    single = _projection()
+    expected_loss = BarlowTwinsLoss()(single(x_a), single(x_b))
+    expected_loss.backward()
+
+    start = sum(_SHARD_SIZES[:rank])
+    shard = slice(start, start + _SHARD_SIZES[rank])
+    model = DistributedDataParallel(_projection())
+    loss = BarlowTwinsLoss(gather_distributed=True)(model(x_a[shard]), model(x_b[shard]))
+    loss.backward()
+
+    torch.testing.assert_close(loss, expected_loss, rtol=1e-10, atol=0)
+    got, expected = model.module.weight.grad, single.weight.grad
+    relative = (got - expected).norm() / expected.norm()
+    assert relative < 1e-10, f"rank {rank}: gradient relative error {relative:.3g}"
+
+
+def test_gather_distributed_equals_one_process_on_global_batch() -> None:
+    run_distributed(_exactness_worker, 2)
+
+
+def _naive_allreduce_worker(rank: int, world_size: int) -> None:
+    """The official code's recipe (in-place all_reduce of c) loses a factor W in gradients."""
+    import torch.distributed as dist
+
+    x_a, x_b = _global_inputs()
+    single = _projection()
+    BarlowTwinsLoss()(single(x_a), single(x_b)).backward()
+    expected = single.weight.grad
+
+    shard = slice(0, 6) if rank == 0 else slice(6, 10)
+    model = DistributedDataParallel(_projection())
+    z_a, z_b = model(x_a[shard]), model(x_b[shard])
+    # Stand-in for the anchors: global statistics are already exact here, only c is summed.
+    z_a = (z_a - z_a.detach().mean(0)) / z_a.detach().std(0)
+    z_b = (z_b - z_b.detach().mean(0)) / z_b.detach().std(0)
+    c = z_a.T @ z_b / 10
+    dist.all_reduce(c)
+    ((1 - c.diagonal()).square().sum()).backward()
+    ratio = model.module.weight.grad.norm() / expected.norm()
+    # Not a check of our code: documents why the differentiable collective is needed.
+    assert ratio < 0.9, f"expected the naive all_reduce to shrink gradients, ratio {ratio:.3f}"
+
+
+def test_naive_in_place_all_reduce_is_not_exact() -> None:
+    run_distributed(_naive_allreduce_worker, 2)
