@@ -22,7 +22,7 @@ parser.add_argument("--download", action="store_true", help="download Fashion-MN
 parser.add_argument("--epochs", type=int, default=10)
 parser.add_argument("--batch-size", type=int, default=256)
 parser.add_argument("--max-samples", type=int, default=None, help="train on a subset")
-parser.add_argument("--image-size", type=int, default=32)
+parser.add_argument("--image-size", type=int, default=28)
 args = parser.parse_args()
 
 dataset = load_data(
@@ -33,7 +33,7 @@ model = BarlowTwinsModule(
     backbone="resnet18",
     in_channels=dataset.channels,
     image_size=args.image_size,
-    small_image=args.image_size <= 64,
+    small_image=False,
     batch_size=args.batch_size,
     warmup_epochs=min(10, args.epochs / 10),
 )

@@ -41,7 +41,7 @@ parser.add_argument("--download", action="store_true", help="download Fashion-MN
 parser.add_argument("--epochs", type=int, default=10)
 parser.add_argument("--batch-size", type=int, default=128, help="per process")
 parser.add_argument("--max-samples", type=int, default=None, help="train on a subset")
-parser.add_argument("--image-size", type=int, default=32)
+parser.add_argument("--image-size", type=int, default=28)
 parser.add_argument(
     "--devices", type=int, default=None, help="per node (default: all GPUs or 2 CPUs)"
 )
@@ -55,7 +55,7 @@ model = BarlowTwinsModule(
     backbone="resnet18",
     in_channels=dataset.channels,
     image_size=args.image_size,
-    small_image=args.image_size <= 64,
+    small_image=False,
     batch_size=args.batch_size,
     warmup_epochs=min(10, args.epochs / 10),
     gather_distributed=True,

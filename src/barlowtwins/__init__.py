@@ -5,8 +5,37 @@ Reference:
     ICML 2021. https://arxiv.org/abs/2103.03230
 """
 
+from typing import Any
+
+from barlowtwins.augment import BatchedBarlowTwinsAugment
+from barlowtwins.backbones import build_backbone
 from barlowtwins.heads import BarlowTwinsProjectionHead
 from barlowtwins.loss import BarlowTwinsLoss
+from barlowtwins.model import BarlowTwins
+from barlowtwins.optim import LARS, build_optimizer, build_warmup_cosine_scheduler
+from barlowtwins.transforms import BarlowTwinsTransform, ViewConfig, barlow_twins_views
 
-__all__ = ["BarlowTwinsLoss", "BarlowTwinsProjectionHead"]
+__all__ = [
+    "LARS",
+    "BarlowTwins",
+    "BarlowTwinsLoss",
+    "BarlowTwinsModule",
+    "BarlowTwinsProjectionHead",
+    "BarlowTwinsTransform",
+    "BatchedBarlowTwinsAugment",
+    "ViewConfig",
+    "barlow_twins_views",
+    "build_backbone",
+    "build_optimizer",
+    "build_warmup_cosine_scheduler",
+]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    # The LightningModule imports Lightning: only pay for it when it is asked for.
+    if name == "BarlowTwinsModule":
+        from barlowtwins.module import BarlowTwinsModule
+
+        return BarlowTwinsModule
+    raise AttributeError(f"module 'barlowtwins' has no attribute {name!r}")

@@ -33,6 +33,7 @@ class FitConfig:
         "labelled data for the kNN monitor and final score "
         "(default: fashion-mnist:test when training on fashion-mnist)",
     )
+    val_max_samples: int | None = _opt(None, "use a subset of the labelled data")
     data_dir: str | None = _opt(None, "directory of the Fashion-MNIST idx files")
     download: bool = _opt(False, "download Fashion-MNIST when it is not installed")
     max_samples: int | None = _opt(None, "train on a subset of this many images")
@@ -41,7 +42,9 @@ class FitConfig:
     )
     channels: int | None = _opt(None, "1 or 3 (default: 1 for fashion-mnist, else 3)")
     backbone: str = _opt("resnet18", "resnet18|resnet34|resnet50 or timm:<name>")
-    small_image: bool | None = _opt(None, "CIFAR-style stem (default: when image size <= 64)")
+    small_image: bool = _opt(
+        False, "CIFAR-style stem (3x3, no max-pool): better on tiny images, ~10x the compute"
+    )
     projector_dims: tuple[int, ...] = _opt((2048, 2048, 2048), "projector layer sizes")
     lambda_param: float = _opt(5e-3, "off-diagonal weight of the loss")
     optimizer: str = _opt("lars", f"one of {', '.join(OPTIMIZERS)}")

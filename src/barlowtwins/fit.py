@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import time
@@ -49,12 +50,11 @@ def fit(config: FitConfig) -> dict[str, Any]:
             f"({len(train)} images); lower --batch-size"
         )
     image_size = config.image_size or train.image_size
-    small_image = image_size <= 64 if config.small_image is None else config.small_image
     module = BarlowTwinsModule(
         backbone=config.backbone,
         in_channels=train.channels,
         image_size=image_size,
-        small_image=small_image,
+        small_image=config.small_image,
         projector_dims=tuple(config.projector_dims),
         lambda_param=config.lambda_param,
         optimizer=config.optimizer,
@@ -85,6 +85,7 @@ def fit(config: FitConfig) -> dict[str, Any]:
     if not trainer.is_global_zero:
         return {}
 
+    merge_metrics(output)
     info = EncoderInfo.from_hparams(dict(module.hparams))
     save_encoder(module.backbone, info, output)
     results: dict[str, Any] = {"train_images": len(train), "skipped_images": train.num_skipped}
@@ -139,7 +140,13 @@ def _load_datasets(config: FitConfig) -> tuple[ImageDataset, ImageDataset | None
     val_spec = config.val_data or (f"{FASHION_MNIST}:test" if is_fashion else None)
     if val_spec is None:
         return train, None
-    val = load_data(val_spec, image_size=train.image_size, channels=train.channels, **common)
+    val = load_data(
+        val_spec,
+        image_size=train.image_size,
+        channels=train.channels,
+        max_samples=config.val_max_samples,
+        **common,
+    )
     if val.labels is None or train.labels is None:
         _log.warning("no labels in %s or the training data: kNN monitor disabled", val_spec)
         return train, None
@@ -195,7 +202,10 @@ def _trainer(config: FitConfig, output: Path, *, monitor: bool) -> L.Trainer:
 
 
 def _loggers(output: Path) -> list[Logger]:
-    loggers: list[Logger] = [CSVLogger(save_dir=output, name="", version="")]
+    # One CSV log per invocation (Lightning's CSVLogger deletes an existing metrics.csv);
+    # merge_metrics() joins them into output/metrics.csv.
+    runs = len(list((output / "logs").glob("run-*")))
+    loggers: list[Logger] = [CSVLogger(save_dir=output, name="logs", version=f"run-{runs:03d}")]
     try:
         from lightning.pytorch.loggers import TensorBoardLogger
 
@@ -203,6 +213,30 @@ def _loggers(output: Path) -> list[Logger]:
     except ModuleNotFoundError:
         pass
     return loggers
+
+
+def merge_metrics(output: Path) -> Path:
+    """Join the CSV logs of every invocation into ``output/metrics.csv``.
+
+    A resumed run restarts at its checkpoint's step, so rows that an interrupted run logged
+    after that step are superseded by the resumed run's.
+    """
+    merged: list[dict[str, str]] = []
+    columns: list[str] = []
+    for log in sorted((output / "logs").glob("run-*/metrics.csv")):
+        with open(log, newline="") as handle:
+            rows = list(csv.DictReader(handle))
+        if not rows:
+            continue
+        first_step = int(rows[0]["step"])
+        merged = [row for row in merged if int(row["step"]) < first_step] + rows
+        columns += [key for key in rows[0] if key not in columns]
+    target = output / "metrics.csv"
+    with open(target, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(merged)
+    return target
 
 
 def _print_summary(results: dict[str, Any], output: Path) -> None:
