@@ -41,7 +41,7 @@ class FitConfig:
         None, "side of the views (default: 28 for fashion-mnist, else 64)"
     )
     channels: int | None = _opt(None, "1 or 3 (default: 1 for fashion-mnist, else 3)")
-    backbone: str = _opt("resnet18", "resnet18|resnet34|resnet50 or timm:<name>")
+    backbone: str = _opt("resnet10", "resnet10|resnet18|resnet34|resnet50 or timm:<name>")
     small_image: bool = _opt(
         False, "CIFAR-style stem (3x3, no max-pool): better on tiny images, ~10x the compute"
     )
@@ -51,9 +51,11 @@ class FitConfig:
     lr_weights: float = _opt(0.2, "base LR of weights (x global batch / 256 for lars/sgd)")
     lr_biases: float = _opt(0.0048, "base LR of biases and norms")
     weight_decay: float = _opt(1.5e-6, "weight decay of weights")
-    warmup_epochs: float = _opt(1.0, "linear warm-up before the cosine decay")
-    crop_scale: tuple[float, ...] | None = _opt(None, "random-resized-crop area range, 2 values")
-    epochs: int = _opt(10, "training epochs")
+    warmup_epochs: float = _opt(0.5, "linear warm-up before the cosine decay")
+    crop_scale: tuple[float, ...] | None = _opt(
+        (0.2, 1.0), "random-resized-crop area range (paper: 0.08 1.0)"
+    )
+    epochs: int = _opt(2, "training epochs")
     batch_size: int = _opt(256, "batch per device")
     output: str = _opt("runs/barlowtwins", "output directory (a rerun resumes from it)")
     accelerator: str = _opt("auto", "cpu, gpu, auto, ...")

@@ -14,12 +14,17 @@ import torch
 import yaml
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, Logger
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from barlowtwins.checkpoint import EncoderInfo, save_encoder
 from barlowtwins.config import ConfigError, FitConfig
 from barlowtwins.data import ImageDataset, InMemoryImages, load_data
 from barlowtwins.datamodule import BarlowTwinsDataModule
-from barlowtwins.lightning_plugins import AtomicCheckpointIO, GlobalBatchNormSync
+from barlowtwins.lightning_plugins import (
+    AtomicCheckpointIO,
+    GlobalBatchNormSync,
+    PreemptionCheckpoint,
+)
 from barlowtwins.loss import cross_correlation
 from barlowtwins.module import BarlowTwinsModule
 from barlowtwins.report import score_encoders, write_plots
@@ -81,7 +86,14 @@ def fit(config: FitConfig) -> dict[str, Any]:
     last = output / CHECKPOINT_DIR / LAST_CHECKPOINT
     if last.is_file():
         _log.info("resuming from %s", last)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=last if last.is_file() else None)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=last if last.is_file() else None)
+    except SIGTERMException:
+        print(
+            f"stopped by SIGTERM at step {trainer.global_step}: saved {last}; "
+            "rerun the same command to resume"
+        )
+        raise SystemExit(143) from None
     if not trainer.is_global_zero:
         return {}
 
@@ -92,7 +104,12 @@ def fit(config: FitConfig) -> dict[str, Any]:
     scores, test_features = None, None
     if val is not None:
         scores, test_features = score_encoders(
-            module.backbone, info, train, val, k=config.knn_k, seed=config.seed,
+            module.backbone,
+            info,
+            train,
+            val,
+            k=config.knn_k,
+            seed=config.seed,
             precision="bf16" if "bf16" in str(trainer.precision) else "32",
         )
         results["knn"] = scores
@@ -193,7 +210,7 @@ def _trainer(config: FitConfig, output: Path, *, monitor: bool) -> L.Trainer:
         strategy="ddp" if world > 1 else "auto",
         precision=config.precision or default_precision(config.accelerator),
         plugins=plugins,
-        callbacks=[checkpoint],
+        callbacks=[checkpoint, PreemptionCheckpoint(output / CHECKPOINT_DIR / LAST_CHECKPOINT)],
         logger=_loggers(output),
         log_every_n_steps=10,
         num_sanity_val_steps=0,
@@ -245,5 +262,7 @@ def _print_summary(results: dict[str, Any], output: Path) -> None:
         print(f"\nTest kNN accuracy (k={knn['k']}, cosine, temperature {knn['temperature']}):")
         for name in ("barlow twins", "random init", "raw pixels"):
             print(f"  {name:<13} {knn[name]:6.2f}%")
-    print(f"\nwrote {output}: backbone.pt, checkpoints/, metrics.csv, results.json"
-          + (", plots/" if results.get("plots") else ""))
+    print(
+        f"\nwrote {output}: backbone.pt, checkpoints/, metrics.csv, results.json"
+        + (", plots/" if results.get("plots") else "")
+    )

@@ -1,14 +1,17 @@
-"""Lightning plugins: exact batch norm sync on any device, crash-safe and safe-to-load
-checkpoints."""
+"""Lightning plugins and callbacks: exact batch norm sync on any device, crash-safe and
+safe-to-load checkpoints, a checkpoint on preemption."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import torch
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.plugins import LayerSync, TorchSyncBatchNorm
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import nn
 
 from barlowtwins.checkpoint import atomic_write, safe_load
@@ -48,3 +51,21 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         self, path: str | Path, map_location: Any = None, weights_only: bool | None = None
     ) -> dict[str, Any]:
         return safe_load(path)
+
+
+class PreemptionCheckpoint(Callback):
+    """Save ``last.ckpt`` when training is stopped by SIGTERM (cluster preemption) or Ctrl-C.
+
+    Lightning stops after the current step on SIGTERM; this writes the state of that step, so
+    rerunning the same command resumes there. Other exceptions (such as a non-finite loss)
+    save nothing: the weights may be corrupt, and the last good checkpoint must stay.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
+        if isinstance(exception, SIGTERMException | KeyboardInterrupt):
+            trainer.save_checkpoint(self.path)

@@ -18,6 +18,10 @@ from barlowtwins.distributed import global_count, global_sum
 _BATCHNORM_EPS = 1e-5
 
 
+class NonFiniteLossError(RuntimeError):
+    """Training produced a NaN or infinite loss."""
+
+
 class BarlowTwinsLoss(nn.Module):
     """Redundancy-reduction loss of Barlow Twins (paper Eq. 1 and Algorithm 1).
 

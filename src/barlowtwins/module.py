@@ -10,17 +10,13 @@ from torch import Tensor, nn
 
 from barlowtwins.augment import BatchedBarlowTwinsAugment
 from barlowtwins.evaluation import knn_accuracy, prepare_images
-from barlowtwins.loss import BarlowTwinsLoss
+from barlowtwins.loss import BarlowTwinsLoss, NonFiniteLossError
 from barlowtwins.model import BarlowTwins
 from barlowtwins.optim import build_optimizer, build_warmup_cosine_scheduler
 from barlowtwins.transforms import barlow_twins_views, resolve_normalization
 
 # Validation dataloaders of the online kNN monitor, in this order.
 KNN_BANK, KNN_QUERY = 0, 1
-
-
-class NonFiniteLossError(RuntimeError):
-    """Training produced a NaN or infinite loss."""
 
 
 class BarlowTwinsModule(L.LightningModule):
