@@ -16,7 +16,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, Logger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from barlowtwins.checkpoint import EncoderInfo, save_encoder
+from barlowtwins.checkpoint import EncoderInfo, safe_load, save_encoder
 from barlowtwins.config import ConfigError, FitConfig
 from barlowtwins.data import ImageDataset, InMemoryImages, load_data
 from barlowtwins.datamodule import BarlowTwinsDataModule
@@ -24,6 +24,7 @@ from barlowtwins.lightning_plugins import (
     AtomicCheckpointIO,
     GlobalBatchNormSync,
     PreemptionCheckpoint,
+    RngStateCheckpoint,
 )
 from barlowtwins.loss import cross_correlation
 from barlowtwins.module import BarlowTwinsModule
@@ -45,7 +46,6 @@ def fit(config: FitConfig) -> dict[str, Any]:
     L.seed_everything(config.seed, workers=True, verbose=False)
     output = Path(config.output)
     output.mkdir(parents=True, exist_ok=True)
-    (output / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
 
     train, val = _load_datasets(config)
     world = config.devices * config.num_nodes
@@ -84,8 +84,13 @@ def fit(config: FitConfig) -> dict[str, Any]:
 
     trainer = _trainer(config, output, monitor=val is not None)
     last = output / CHECKPOINT_DIR / LAST_CHECKPOINT
+    # A kill during an atomic write can leave its temporary file behind.
+    for stale in (output / CHECKPOINT_DIR).glob(".*.tmp"):
+        stale.unlink(missing_ok=True)
     if last.is_file():
+        _check_resumable(last, module)
         _log.info("resuming from %s", last)
+    (output / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=last if last.is_file() else None)
     except SIGTERMException:
@@ -94,6 +99,15 @@ def fit(config: FitConfig) -> dict[str, Any]:
             "rerun the same command to resume"
         )
         raise SystemExit(143) from None
+    except SystemExit:
+        if not trainer.interrupted:
+            raise
+        # Lightning turns Ctrl-C into sys.exit(1) after PreemptionCheckpoint saved.
+        print(
+            f"interrupted at step {trainer.global_step}: saved {last}; "
+            "rerun the same command to resume"
+        )
+        raise SystemExit(130) from None
     if not trainer.is_global_zero:
         return {}
 
@@ -137,6 +151,40 @@ def _held_out_cross_correlation(
     module.eval()
     view_a, view_b = module.augment(images.to(device), torch.Generator(device).manual_seed(0))
     return cross_correlation(module.model(view_a).float(), module.model(view_b).float()).cpu()
+
+
+# Options the checkpoint's weights, optimizer state or schedule depend on; lambda_param and
+# epochs may change on resume.
+_FIXED_ON_RESUME = (
+    "backbone",
+    "in_channels",
+    "small_image",
+    "image_size",
+    "projector_dims",
+    "optimizer",
+    "lr_weights",
+    "lr_biases",
+    "weight_decay",
+    "batch_size",
+)
+
+
+def _check_resumable(last: Path, module: BarlowTwinsModule) -> None:
+    saved = safe_load(last).get("hyper_parameters") or {}
+    changed = [
+        name
+        for name in _FIXED_ON_RESUME
+        if name in saved and _plain(saved[name]) != _plain(module.hparams[name])
+    ]
+    if changed:
+        raise ConfigError(
+            f"{last} was trained with a different {', '.join(changed)}; rerun with the same "
+            "options (see config.yaml) or use a new --output"
+        )
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple | list) else value
 
 
 def _load_datasets(config: FitConfig) -> tuple[ImageDataset, ImageDataset | None]:
@@ -210,7 +258,11 @@ def _trainer(config: FitConfig, output: Path, *, monitor: bool) -> L.Trainer:
         strategy="ddp" if world > 1 else "auto",
         precision=config.precision or default_precision(config.accelerator),
         plugins=plugins,
-        callbacks=[checkpoint, PreemptionCheckpoint(output / CHECKPOINT_DIR / LAST_CHECKPOINT)],
+        callbacks=[
+            checkpoint,
+            PreemptionCheckpoint(output / CHECKPOINT_DIR / LAST_CHECKPOINT),
+            RngStateCheckpoint(),
+        ],
         logger=_loggers(output),
         log_every_n_steps=10,
         num_sanity_val_steps=0,

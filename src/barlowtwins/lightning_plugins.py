@@ -3,6 +3,7 @@ safe-to-load checkpoints, a checkpoint on preemption."""
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 from typing import Any
 
@@ -69,3 +70,25 @@ class PreemptionCheckpoint(Callback):
     ) -> None:
         if isinstance(exception, SIGTERMException | KeyboardInterrupt):
             trainer.save_checkpoint(self.path)
+
+
+class RngStateCheckpoint(Callback):
+    """Keep torch's and Python's random state in checkpoints, so the epochs after a resume
+    draw the same shuffles and augmentations as an uninterrupted run.
+
+    Only plain tensors and tuples are stored (loadable with ``weights_only=True``); numpy's
+    state is left out because the augmentation draws from torch. Under DDP rank 0's state is
+    saved.
+    """
+
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+        if torch.cuda.is_available():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        torch.set_rng_state(state_dict["torch"])
+        random.setstate(state_dict["python"])
+        if "cuda" in state_dict and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state_dict["cuda"])

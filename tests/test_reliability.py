@@ -1,0 +1,404 @@
+"""``barlowtwins fit`` under hostile files and hostile events: crafted pickles, failed writes,
+``kill -9``, SIGTERM, a diverging loss, and how exactly a resumed run repeats an unbroken one."""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import pickle
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from barlowtwins.checkpoint import CheckpointError, atomic_write, safe_load
+from barlowtwins.cli import main
+from barlowtwins.lightning_plugins import AtomicCheckpointIO
+
+# Smaller than test_cli's run (4 steps of 16 images per epoch) so that the subprocess tests,
+# which each pay for a fresh interpreter and several epochs, fit on two shared cores.
+_FAST = [
+    "--backbone",
+    "resnet10",
+    "--max-samples",
+    "64",
+    "--val-max-samples",
+    "100",
+    "--batch-size",
+    "16",
+    "--knn-bank-size",
+    "64",
+    "--knn-k",
+    "10",
+    "--projector-dims",
+    "64",
+    "64",
+    "--precision",
+    "32",
+    "--seed",
+    "0",
+    "--no-plots",
+]
+_KILL_EPOCHS = 2
+_STEPS_PER_EPOCH = 4
+_WAIT_S = 300
+# One intra-op thread in every subprocess: on shared cores, threads that wait for each other
+# cost more than they gain, and runs compared float for float must add in the same order.
+_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+_ERROR_LINE = re.compile(r"^barlowtwins: error: .+$", re.MULTILINE)
+
+
+class _Payload:
+    """Unpickling this runs code: it creates ``marker`` (a harmless stand-in for an exploit)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[Any, tuple[Path]]:
+        return Path.touch, (self.marker,)
+
+
+def _malicious_file(path: Path, marker: Path, *, writer: str) -> Path:
+    """A weights-like file that creates ``marker`` when a plain unpickler reads it."""
+    content = {"conv.weight": torch.zeros(2, 2), "extra": _Payload(marker)}
+    if writer == "torch.save":
+        torch.save(content, path)
+    else:
+        with open(path, "wb") as handle:
+            pickle.dump(content, handle)
+    return path
+
+
+def _only_error_line(stderr: str) -> str:
+    """The single ``barlowtwins: error:`` line of ``stderr``; no traceback may come with it."""
+    assert "Traceback" not in stderr
+    lines = _ERROR_LINE.findall(stderr)
+    assert len(lines) == 1, stderr
+    return lines[0]
+
+
+def _fit_command(output: Path, epochs: int) -> list[str]:
+    """The ``python -m barlowtwins fit`` command line of the fast run."""
+    return [
+        sys.executable,
+        "-m",
+        "barlowtwins",
+        "fit",
+        *_FAST,
+        "--epochs",
+        str(epochs),
+        "--output",
+        str(output),
+    ]
+
+
+@contextmanager
+def _fit_process(output: Path, epochs: int, log: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """``barlowtwins fit`` in a subprocess, killed on the way out if a check failed."""
+    # A file, not a pipe: nobody reads while the run trains, and a full pipe would stall it.
+    with open(log, "wb") as handle:
+        process = subprocess.Popen(
+            _fit_command(output, epochs), stdout=handle, stderr=subprocess.STDOUT, env=_ENV
+        )
+    try:
+        yield process
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def _tail(log: Path) -> str:
+    return log.read_text(errors="replace")[-3000:]
+
+
+def _wait_for_checkpoint(process: subprocess.Popen[bytes], path: Path, log: Path) -> None:
+    """Poll until ``path`` exists; fail with the run's log if it exits or hangs first."""
+    deadline = time.monotonic() + _WAIT_S
+    while not path.is_file():
+        if process.poll() is not None:
+            pytest.fail(f"fit exited ({process.returncode}) before {path}:\n{_tail(log)}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"no {path} after {_WAIT_S} s:\n{_tail(log)}")
+        time.sleep(0.05)
+
+
+def _run_to_end(output: Path, epochs: int) -> subprocess.CompletedProcess[str]:
+    """Run the command to the end (resuming from ``output`` if it can); it must succeed."""
+    result = subprocess.run(
+        _fit_command(output, epochs), capture_output=True, text=True, timeout=_WAIT_S, env=_ENV
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def _epoch_losses(output: Path) -> list[tuple[int, float]]:
+    """``(epoch, train_loss_epoch)`` rows of the merged ``metrics.csv``, in file order."""
+    with open(output / "metrics.csv", newline="") as handle:
+        return [
+            (int(row["epoch"]), float(row["train_loss_epoch"]))
+            for row in csv.DictReader(handle)
+            if row.get("train_loss_epoch")
+        ]
+
+
+def _all_finite(state_dict: dict[str, torch.Tensor]) -> bool:
+    """Whether every floating-point tensor of ``state_dict`` is free of nan and inf."""
+    return all(
+        bool(value.isfinite().all()) for value in state_dict.values() if value.is_floating_point()
+    )
+
+
+# Untrusted files -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("writer", ["torch.save", "pickle"])
+def test_safe_load_refuses_code_in_a_pickle(tmp_path: Path, writer: str) -> None:
+    marker = tmp_path / "pwned"
+    evil = _malicious_file(tmp_path / "evil.pt", marker, writer=writer)
+    with pytest.raises(CheckpointError, match=r"refusing to load .*evil\.pt") as error:
+        safe_load(evil)
+    assert len(str(error.value).splitlines()) == 1
+    assert not marker.exists()
+    # A plain unpickler does run this file's payload, so the check above is a real one.
+    if writer == "torch.save":
+        torch.load(evil, weights_only=False)
+    else:
+        pickle.loads(evil.read_bytes())
+    assert marker.exists()
+
+
+def test_embed_refuses_a_malicious_checkpoint(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    marker = tmp_path / "pwned"
+    evil = _malicious_file(tmp_path / "backbone.pt", marker, writer="torch.save")
+    out = tmp_path / "features.npz"
+    argv = ["embed", str(evil), "--data", "fashion-mnist:test", "--max-samples", "10"]
+    assert main([*argv, "--output", str(out)]) == 2
+    assert "refusing to load" in _only_error_line(capsys.readouterr().err)
+    assert not marker.exists()
+    assert not out.exists()
+
+
+def test_fit_refuses_to_resume_from_a_malicious_last_checkpoint(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    output = tmp_path / "run"
+    (output / "checkpoints").mkdir(parents=True)
+    marker = tmp_path / "pwned"
+    last = output / "checkpoints" / "last.ckpt"
+    torch.save(
+        {"epoch": 0, "global_step": 4, "state_dict": {}, "hyper_parameters": _Payload(marker)},
+        last,
+    )
+    planted = last.read_bytes()
+    assert main(["fit", *_FAST, "--epochs", "1", "--output", str(output)]) == 2
+    error = _only_error_line(capsys.readouterr().err)
+    assert "refusing to load" in error and "last.ckpt" in error
+    assert not marker.exists()
+    # Refusing must not train over the evidence either.
+    assert last.read_bytes() == planted
+    assert not (output / "results.json").exists()
+
+
+# Atomic writes -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("failure", [OSError("disk full"), KeyboardInterrupt()])
+def test_atomic_write_failing_half_way_keeps_the_old_file(
+    tmp_path: Path, failure: BaseException
+) -> None:
+    target = tmp_path / "last.ckpt"
+    target.write_bytes(b"the previous checkpoint")
+
+    def _write_half(tmp: Path) -> None:
+        tmp.write_bytes(b"half of a new chec")
+        raise failure
+
+    with pytest.raises(type(failure)):
+        atomic_write(target, _write_half)
+    assert target.read_bytes() == b"the previous checkpoint"
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+
+
+def test_atomic_write_failing_on_a_new_file_leaves_nothing(tmp_path: Path) -> None:
+    def _fail(tmp: Path) -> None:
+        tmp.write_bytes(b"partial")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write(tmp_path / "backbone.pt", _fail)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_checkpoint_io_keeps_last_checkpoint_when_torch_save_fails(tmp_path: Path) -> None:
+    # torch.save has written part of the archive when it meets the unpicklable lambda.
+    target = tmp_path / "checkpoints" / "last.ckpt"
+    io = AtomicCheckpointIO()
+    io.save_checkpoint({"global_step": 4, "weights": torch.ones(256, 256)}, target)
+    with pytest.raises((pickle.PicklingError, AttributeError, TypeError)):
+        io.save_checkpoint(
+            {"global_step": 5, "weights": torch.zeros(256, 256), "f": lambda: 0}, target
+        )
+    restored = io.load_checkpoint(target)
+    assert restored["global_step"] == 4
+    assert torch.equal(restored["weights"], torch.ones(256, 256))
+    assert [p.name for p in target.parent.iterdir()] == ["last.ckpt"]
+
+
+# kill -9, SIGTERM ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Resumed:
+    """A fit killed with SIGKILL after its first checkpoint, then rerun to the end."""
+
+    output: Path
+    killed_status: int
+    checkpoint_epoch: int
+    rerun: subprocess.CompletedProcess[str]
+
+
+@pytest.fixture(scope="module")
+def killed_and_resumed(tmp_path_factory: pytest.TempPathFactory) -> _Resumed:
+    root = tmp_path_factory.mktemp("kill9")
+    output, log = root / "run", root / "killed.log"
+    last = output / "checkpoints" / "last.ckpt"
+    with _fit_process(output, _KILL_EPOCHS, log) as process:
+        _wait_for_checkpoint(process, last, log)
+        # Into the next epoch, so the kill lands mid-training and some logged rows are lost.
+        time.sleep(0.5)
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=60)
+    checkpoint = safe_load(last)
+    assert _all_finite(checkpoint["state_dict"])
+    return _Resumed(
+        output, process.returncode, checkpoint["epoch"], _run_to_end(output, _KILL_EPOCHS)
+    )
+
+
+@pytest.mark.slow
+def test_kill_9_then_rerun_resumes_and_finishes(killed_and_resumed: _Resumed) -> None:
+    run = killed_and_resumed
+    assert run.killed_status == -signal.SIGKILL
+    assert run.checkpoint_epoch < _KILL_EPOCHS - 1
+    assert "resuming from" in run.rerun.stderr
+    assert (run.output / "results.json").is_file()
+    assert safe_load(run.output / "checkpoints" / "last.ckpt")["epoch"] == _KILL_EPOCHS - 1
+    epochs = [epoch for epoch, _ in _epoch_losses(run.output)]
+    assert epochs == list(range(_KILL_EPOCHS))
+
+
+@pytest.mark.slow
+def test_sigterm_saves_the_current_step_and_rerun_finishes(tmp_path: Path) -> None:
+    output, log = tmp_path / "run", tmp_path / "terminated.log"
+    last = output / "checkpoints" / "last.ckpt"
+    with _fit_process(output, 2, log) as process:
+        _wait_for_checkpoint(process, last, log)
+        step_before = safe_load(last)["global_step"]
+        process.send_signal(signal.SIGTERM)
+        # Lightning finishes the current step (seconds here) before it stops.
+        assert process.wait(timeout=120) == 143, _tail(log)
+    stopped = re.search(r"stopped by SIGTERM at step (\d+)", log.read_text(errors="replace"))
+    assert stopped is not None, _tail(log)
+    saved = safe_load(last)
+    assert saved["global_step"] == int(stopped.group(1)) >= step_before
+    assert _all_finite(saved["state_dict"])
+
+    rerun = _run_to_end(output, 2)
+    assert "resuming from" in rerun.stderr
+    assert (output / "results.json").is_file()
+    assert [epoch for epoch, _ in _epoch_losses(output)] == [0, 1]
+    assert safe_load(last)["global_step"] == 2 * _STEPS_PER_EPOCH
+
+
+# Non-finite loss -----------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_diverging_loss_is_a_one_line_error_naming_the_step(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Plain SGD at 1e30 blows the weights up in its first update: step 1 sees nan.
+    output = tmp_path / "run"
+    diverge = ["--optimizer", "sgd", "--lr-weights", "1e30", "--lr-biases", "1e30"]
+    assert main(["fit", *_FAST, *diverge, "--epochs", "2", "--output", str(output)]) == 2
+    error = _only_error_line(capsys.readouterr().err)
+    assert re.search(r"loss became (nan|inf) at step \d+; lower the learning rate", error)
+    # Weights that produced nan are never checkpointed.
+    assert not (output / "checkpoints" / "last.ckpt").exists()
+
+
+@pytest.mark.slow
+def test_non_finite_loss_keeps_the_last_good_checkpoint(
+    killed_and_resumed: _Resumed, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    output = tmp_path / "run"
+    shutil.copytree(killed_and_resumed.output, output)
+    last = output / "checkpoints" / "last.ckpt"
+    good = last.read_bytes()
+    good_step = safe_load(last)["global_step"]
+    # The optimiser's learning rates come back from the checkpoint on resume, so a diverging
+    # --lr would be ignored; lambda is a module setting, and 1e38 overflows float32 at once.
+    argv = ["fit", *_FAST, "--lambda-param", "1e38", "--epochs", str(_KILL_EPOCHS + 1)]
+    assert main([*argv, "--output", str(output)]) == 2
+    error = _only_error_line(capsys.readouterr().err)
+    assert f"loss became inf at step {good_step};" in error
+    assert last.read_bytes() == good
+    assert _all_finite(safe_load(last)["state_dict"])
+
+
+# Determinism of resume -----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    output = tmp_path_factory.mktemp("unbroken") / "run"
+    _run_to_end(output, _KILL_EPOCHS)
+    return output
+
+
+@pytest.mark.slow
+def test_epochs_before_a_kill_repeat_an_unbroken_run_exactly(
+    killed_and_resumed: _Resumed, uninterrupted: Path
+) -> None:
+    resumed = dict(_epoch_losses(killed_and_resumed.output))
+    unbroken = dict(_epoch_losses(uninterrupted))
+    assert resumed.keys() == unbroken.keys() == set(range(_KILL_EPOCHS))
+    for epoch in range(killed_and_resumed.checkpoint_epoch + 1):
+        assert resumed[epoch] == pytest.approx(unbroken[epoch], rel=1e-6)
+    # After the resume the views differ (see the next test), but training goes on normally.
+    assert all(math.isfinite(loss) for loss in resumed.values())
+
+
+@pytest.mark.slow
+def test_epochs_after_a_resume_repeat_an_unbroken_run(
+    killed_and_resumed: _Resumed, uninterrupted: Path
+) -> None:
+    resumed = dict(_epoch_losses(killed_and_resumed.output))
+    unbroken = dict(_epoch_losses(uninterrupted))
+    for epoch in range(killed_and_resumed.checkpoint_epoch + 1, _KILL_EPOCHS):
+        assert resumed[epoch] == pytest.approx(unbroken[epoch], rel=1e-4)
+
+
+@pytest.mark.slow
+def test_resume_with_another_optimizer_is_a_one_line_error(
+    killed_and_resumed: _Resumed, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    output = tmp_path / "run"
+    shutil.copytree(killed_and_resumed.output, output)
+    argv = ["fit", *_FAST, "--optimizer", "sgd", "--epochs", str(_KILL_EPOCHS + 1)]
+    assert main([*argv, "--output", str(output)]) == 2
+    assert "optimizer" in _only_error_line(capsys.readouterr().err)
