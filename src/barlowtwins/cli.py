@@ -54,8 +54,9 @@ def _build_parser() -> argparse.ArgumentParser:
         kind = _argparse_type(field.type)
         help_text = field.metadata.get("help", "")
         if kind is bool:
-            fit.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
-                             help=help_text)
+            fit.add_argument(
+                flag, action=argparse.BooleanOptionalAction, default=None, help=help_text
+            )
         elif kind is tuple:
             fit.add_argument(flag, type=float, nargs="+", default=None, help=help_text)
         else:
@@ -163,8 +164,11 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     width = max(len(name) for name in results)
     print(f"{'metric':<{width}}  value")
     for name, value in results.items():
-        print(f"{name:<{width}}  {value:.2f}" if isinstance(value, float) else
-              f"{name:<{width}}  {value}")
+        print(
+            f"{name:<{width}}  {value:.2f}"
+            if isinstance(value, float)
+            else f"{name:<{width}}  {value}"
+        )
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
     return 0

@@ -23,11 +23,19 @@ def _load(spec: str, info: EncoderInfo, **data_options: Any) -> ImageDataset:
 
 
 def _features(
-    backbone: torch.nn.Module, info: EncoderInfo, data: ImageDataset, batch_size: int,
+    backbone: torch.nn.Module,
+    info: EncoderInfo,
+    data: ImageDataset,
+    batch_size: int,
     device: torch.device,
 ) -> torch.Tensor:
     return extract_features(
-        backbone, data, batch_size=batch_size, device=device, mean=info.mean, std=info.std,
+        backbone,
+        data,
+        batch_size=batch_size,
+        device=device,
+        mean=info.mean,
+        std=info.std,
         image_size=info.image_size,
     )
 
@@ -76,14 +84,23 @@ def evaluate_encoder(
         "train images": len(train_data),
         "test images": len(test_data),
         f"knn top-1 % (k={knn_k})": knn_accuracy(
-            train_features, train_data.labels, test_features, test_data.labels,
-            num_classes=num_classes, k=knn_k, temperature=knn_temperature,
+            train_features,
+            train_data.labels,
+            test_features,
+            test_data.labels,
+            num_classes=num_classes,
+            k=knn_k,
+            temperature=knn_temperature,
         ),
     }
     if linear:
         probe = linear_probe(
-            train_features, train_data.labels, test_features, test_data.labels,
-            num_classes=num_classes, epochs=linear_epochs,
+            train_features,
+            train_data.labels,
+            test_features,
+            test_data.labels,
+            num_classes=num_classes,
+            epochs=linear_epochs,
         )
         results["linear probe top-1 %"] = probe.test_accuracy
     return results

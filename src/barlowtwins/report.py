@@ -45,14 +45,24 @@ def score_encoders(
 
     def features(encoder: nn.Module, data: ImageDataset) -> torch.Tensor:
         return extract_features(
-            encoder, data, device=device, mean=info.mean, std=info.std,
-            image_size=info.image_size, precision=precision,
+            encoder,
+            data,
+            device=device,
+            mean=info.mean,
+            std=info.std,
+            image_size=info.image_size,
+            precision=precision,
         )
 
     def accuracy(train_features: torch.Tensor, test_features: torch.Tensor) -> float:
         return knn_accuracy(
-            train_features, train.labels, test_features, test.labels,
-            num_classes=num_classes, k=k, temperature=temperature,
+            train_features,
+            train.labels,
+            test_features,
+            test.labels,
+            num_classes=num_classes,
+            k=k,
+            temperature=temperature,
         )
 
     test_features = features(backbone, test)
@@ -92,19 +102,33 @@ def write_plots(
     metrics = output / "metrics.csv"
     baselines = (
         {name: scores[name] for name in ("random init", "raw pixels") if name in scores}
-        if scores else None
+        if scores
+        else None
     )
     jobs: list[tuple[str, Any]] = [
         ("loss.png", lambda out: plots.plot_loss(metrics, out)),
         ("knn_accuracy.png", lambda out: plots.plot_knn_accuracy(metrics, out, baselines)),
     ]
     if cross_correlation is not None:
-        jobs.append(("cross_correlation.png",
-                     lambda out: plots.plot_cross_correlation(cross_correlation, out)))
+        jobs.append(
+            (
+                "cross_correlation.png",
+                lambda out: plots.plot_cross_correlation(cross_correlation, out),
+            )
+        )
     if test_features is not None and test is not None:
-        jobs.append(("embedding_tsne.png", lambda out: plots.plot_embedding_2d(
-            test_features, test.labels, out, class_names=test.classes, max_points=_TSNE_POINTS,
-        )))
+        jobs.append(
+            (
+                "embedding_tsne.png",
+                lambda out: plots.plot_embedding_2d(
+                    test_features,
+                    test.labels,
+                    out,
+                    class_names=test.classes,
+                    max_points=_TSNE_POINTS,
+                ),
+            )
+        )
     written = []
     for name, draw in jobs:
         try:
