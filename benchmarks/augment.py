@@ -59,7 +59,7 @@ def _parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def source_size(image_size: int) -> int:
+def _source_size(image_size: int) -> int:
     """Side of the stored images for views of ``image_size`` (as ``barlowtwins fit`` stores
     folders): the view size itself up to 32 px, else 8/7 of it (256 px for 224 px views)."""
     return image_size if image_size <= 32 else round(image_size * 8 / 7)
@@ -95,7 +95,7 @@ def main() -> None:
     print(_common.describe_machine(device))
     comparisons = []
     for size in args.sizes:
-        side = source_size(size)
+        side = _source_size(size)
         images = torch.randint(
             0,
             256,
