@@ -16,11 +16,11 @@ _HAS_TIMM = importlib.util.find_spec("timm") is not None
 
 
 def test_available_backbones() -> None:
-    assert available_backbones() == ["resnet18", "resnet34", "resnet50"]
+    assert available_backbones() == ["resnet10", "resnet18", "resnet34", "resnet50"]
 
 
 @pytest.mark.parametrize(
-    ("name", "dim"), [("resnet18", 512), ("resnet34", 512), ("resnet50", 2048)]
+    ("name", "dim"), [("resnet10", 512), ("resnet18", 512), ("resnet34", 512), ("resnet50", 2048)]
 )
 def test_resnet_feature_sizes_for_grey_and_rgb(name: str, dim: int) -> None:
     model, feature_dim = build_backbone(name, in_channels=1)
