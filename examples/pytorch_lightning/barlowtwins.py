@@ -9,6 +9,12 @@ Reference: Zbontar et al., "Barlow Twins", 2021. https://arxiv.org/abs/2103.0323
 """
 
 import argparse
+import sys
+from pathlib import Path
+
+# This file is named like the package: keep its own folder off the import path.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).parent.resolve()]
+
 
 import lightning as L
 
