@@ -37,6 +37,34 @@ def test_matches_paper_pseudocode_values_and_gradients(lambda_param: float) -> N
         torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
 
 
+def test_gradient_flows_to_one_input_when_the_other_is_frozen() -> None:
+    gen = torch.Generator().manual_seed(1)
+    z_a = torch.randn(16, 12, dtype=torch.float64, generator=gen).requires_grad_()
+    target = torch.randn(16, 12, dtype=torch.float64, generator=gen)
+    loss_fn = BarlowTwinsLoss()
+    (got,) = torch.autograd.grad(loss_fn(z_a, target) * 3.0, z_a)
+    (expected,) = torch.autograd.grad(_paper_loss(z_a, target, 5e-3) * 3.0, z_a)
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_repeated_forward_backward_gives_the_same_gradients() -> None:
+    z_a = torch.randn(8, 6, requires_grad=True)
+    z_b = torch.randn(8, 6, requires_grad=True)
+    loss_fn = BarlowTwinsLoss()
+    first = torch.autograd.grad(loss_fn(z_a, z_b), (z_a, z_b))
+    second = torch.autograd.grad(loss_fn(z_a, z_b), (z_a, z_b))
+    for a, b in zip(first, second, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_a_second_backward_through_one_forward_is_a_clear_error() -> None:
+    z_a = torch.randn(8, 6, requires_grad=True)
+    loss = BarlowTwinsLoss()(z_a, torch.randn(8, 6))
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="one backward pass per forward"):
+        loss.backward()
+
+
 def test_identical_standardised_views_give_zero_on_diagonal_term() -> None:
     z = torch.randn(64, 8, dtype=torch.float64)
     loss = BarlowTwinsLoss(lambda_param=0.0)(z, z)

@@ -8,11 +8,14 @@ Reference:
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
-from barlowtwins.distributed import global_count, global_sum
+from barlowtwins.distributed import global_count, global_sum, world_size
 
 # Same epsilon as torch.nn.BatchNorm1d, which the paper's released code uses to standardise.
 _BATCHNORM_EPS = 1e-5
@@ -64,11 +67,57 @@ class BarlowTwinsLoss(nn.Module):
         dtype = torch.float64 if torch.float64 in (z_a.dtype, z_b.dtype) else torch.float32
         with torch.autocast(device_type=z_a.device.type, enabled=False):
             z_a, z_b = z_a.to(dtype), z_b.to(dtype)
-            c = cross_correlation(z_a, z_b, gather_distributed=self.gather_distributed)
-            on_diag = (1 - c.diagonal()).square().sum()
-            # ||c||^2 - ||diag(c)||^2: no D x D mask or temporary beyond c itself.
-            off_diag = _squared_norm(c) - c.diagonal().square().sum()
-            return on_diag + self.lambda_param * off_diag
+            ranks = world_size() if self.gather_distributed else 1
+            total = global_sum if ranks > 1 else _identity
+            n = global_count(z_a.size(0), z_a.device) if ranks > 1 else z_a.size(0)
+            _check_batch(n)
+            a, b = _standardize(z_a, n, total), _standardize(z_b, n, total)
+            return _RedundancyReduction.apply(a, b, n, self.lambda_param, ranks)
+
+
+class _RedundancyReduction(torch.autograd.Function):
+    """The loss of standardised embeddings ``a``, ``b``, with the D x D work done in place.
+
+    Autograd through ``c = a.T @ b / n`` and the loss would keep ``c``, the unscaled product
+    and two D x D gradients alive together (256 MiB each at the paper's D = 8192). Here the
+    backward pass writes ``dL/dc`` into ``c``'s own storage, so ``c`` is the only D x D tensor.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, a: Tensor, b: Tensor, n: int, lambda_param: float, ranks: int
+    ) -> Tensor:
+        c = a.T @ b
+        if ranks > 1:
+            dist.all_reduce(c)  # the global batch's c: the sum of every rank's a.T @ b
+        c.div_(n)
+        on_diag = (1 - c.diagonal()).square().sum()
+        # ||c||^2 - ||diag(c)||^2: no D x D mask or temporary beyond c itself.
+        off_diag = _squared_norm(c) - c.diagonal().square().sum()
+        ctx.save_for_backward(a, b)
+        ctx.c, ctx.n, ctx.lambda_param, ctx.ranks = c, n, lambda_param, ranks
+        return on_diag + lambda_param * off_diag
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_loss: Tensor) -> tuple[Tensor | None, ...]:
+        a, b = ctx.saved_tensors
+        grad_c, ctx.c = ctx.c, None
+        if grad_c is None:
+            raise RuntimeError(
+                "BarlowTwinsLoss supports one backward pass per forward pass (its backward "
+                "reuses the memory of c); compute the loss again instead of retain_graph=True"
+            )
+        # dL/dc is 2 lambda c_ij off the diagonal and 2 (c_ii - 1) on it. Every rank holds the
+        # same global loss; like an autograd all-reduce, the gradient of this rank's share of
+        # c sums all ranks' (equal) gradients: `ranks` times one of them.
+        scale = grad_loss * (2.0 * ctx.ranks / ctx.n)
+        diagonal = grad_c.diagonal().clone()
+        grad_c.mul_(scale * ctx.lambda_param)
+        grad_c.diagonal().copy_((diagonal - 1) * scale)
+        grad_a = b @ grad_c.T if ctx.needs_input_grad[0] else None
+        grad_b = a @ grad_c if ctx.needs_input_grad[1] else None
+        return grad_a, grad_b, None, None, None
 
 
 def cross_correlation(z_a: Tensor, z_b: Tensor, *, gather_distributed: bool = False) -> Tensor:
@@ -84,8 +133,7 @@ def cross_correlation(z_a: Tensor, z_b: Tensor, *, gather_distributed: bool = Fa
     """
     total = global_sum if gather_distributed else _identity
     n = global_count(z_a.size(0), z_a.device) if gather_distributed else z_a.size(0)
-    if n < 2:
-        raise ValueError(f"batch size must be >= 2 to standardise over it, got {n}")
+    _check_batch(n)
     return total(_standardize(z_a, n, total).T @ _standardize(z_b, n, total)) / n
 
 
@@ -107,6 +155,11 @@ def _squared_norm(c: Tensor) -> Tensor:
 
 def _identity(tensor: Tensor) -> Tensor:
     return tensor
+
+
+def _check_batch(n: int) -> None:
+    if n < 2:
+        raise ValueError(f"batch size must be >= 2 to standardise over it, got {n}")
 
 
 def _check_embeddings(z_a: Tensor, z_b: Tensor) -> None:
