@@ -63,6 +63,11 @@ def test_fit_writes_everything(fitted: Path) -> None:
     for name in ("barlow twins", "random init", "raw pixels"):
         assert 10.0 < results["knn"][name] <= 100.0
     assert results["knn"]["test_images"] == 1000
+    # The summary also scores k=200; the headline figures are those of --knn-k 20.
+    at_k = results["knn"]["at_k"]
+    assert set(at_k) == {"20", "200"}
+    assert at_k["20"] == {name: results["knn"][name] for name in at_k["20"]}
+    assert set(at_k["200"]) == {"barlow twins", "random init", "raw pixels"}
 
 
 def test_backbone_loads_strictly_into_torchvision(fitted: Path) -> None:
@@ -88,6 +93,10 @@ def test_rerun_resumes_from_last_checkpoint(
             epochs.add(line.split(",")[header.index("epoch")])
     # The first run's epoch 0 is kept, the rerun only trained epoch 1.
     assert epochs == {"0", "1"}
+    # The progress bar shows the loss, not the log folder's meaningless version number.
+    captured = capsys.readouterr()
+    progress = captured.out + captured.err
+    assert "train_loss" in progress and "v_num" not in progress
     ckpt = torch.load(output / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["epoch"] == 1
 
@@ -166,6 +175,21 @@ def test_print_config_merges_file_and_flags(
     printed = yaml.safe_load(capsys.readouterr().out)
     assert (printed["epochs"], printed["batch_size"], printed["lambda_param"]) == (7, 16, 0.01)
     assert printed["data"] == "fashion-mnist"
+
+
+@pytest.mark.parametrize(
+    ("args", "crop_scale"),
+    [
+        ([], [1.0, 1.0]),
+        (["--data", "some/folder"], [0.2, 1.0]),
+        (["--crop-scale", "0.08", "1"], [0.08, 1.0]),
+    ],
+)
+def test_print_config_shows_the_crop_scale_in_effect(
+    args: list[str], crop_scale: list[float], capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["fit", *args, "--print-config"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["crop_scale"] == crop_scale
 
 
 @pytest.mark.parametrize(

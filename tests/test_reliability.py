@@ -302,16 +302,21 @@ def test_kill_9_then_rerun_resumes_and_finishes(killed_and_resumed: _Resumed) ->
 
 
 @pytest.mark.slow
-def test_sigterm_saves_the_current_step_and_rerun_finishes(tmp_path: Path) -> None:
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
+def test_preemption_signal_saves_the_current_step_and_rerun_finishes(
+    tmp_path: Path, signum: signal.Signals
+) -> None:
     output, log = tmp_path / "run", tmp_path / "terminated.log"
     last = output / "checkpoints" / "last.ckpt"
     with _fit_process(output, 2, log) as process:
         _wait_for_checkpoint(process, last, log)
         step_before = safe_load(last)["global_step"]
-        process.send_signal(signal.SIGTERM)
+        process.send_signal(signum)
         # Lightning finishes the current step (seconds here) before it stops.
         assert process.wait(timeout=120) == 143, _tail(log)
-    stopped = re.search(r"stopped by SIGTERM at step (\d+)", log.read_text(errors="replace"))
+    stopped = re.search(
+        r"stopped by SIGTERM/SIGUSR1 at step (\d+)", log.read_text(errors="replace")
+    )
     assert stopped is not None, _tail(log)
     saved = safe_load(last)
     assert saved["global_step"] == int(stopped.group(1)) >= step_before
@@ -402,3 +407,82 @@ def test_resume_with_another_optimizer_is_a_one_line_error(
     argv = ["fit", *_FAST, "--optimizer", "sgd", "--epochs", str(_KILL_EPOCHS + 1)]
     assert main([*argv, "--output", str(output)]) == 2
     assert "optimizer" in _only_error_line(capsys.readouterr().err)
+
+
+# A failing rank in DDP -----------------------------------------------------------------------
+# `fit --devices 2` on CPU: Lightning starts rank 1 as a child process of rank 0 (gloo).
+
+
+def _children(pid: int) -> list[int]:
+    """PIDs of the live child processes of ``pid``."""
+    try:
+        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    except OSError:
+        return []
+    return [int(child) for child in text.split() if _alive(int(child))]
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie has finished: it only waits to be reaped)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+def _wait_until(condition: Any, timeout: float, what: str, log: Path) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what} not within {timeout} s:\n{_tail(log)}")
+        time.sleep(0.1)
+
+
+@contextmanager
+def _two_rank_fit(output: Path, log: Path) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
+    """A 2-process ``fit`` in training: yields rank 0's process and rank 1's PID."""
+    command = [*_fit_command(output, 50), "--devices", "2", "--accelerator", "cpu"]
+    with open(log, "wb") as handle:
+        process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=_ENV)
+    rank1: list[int] = []
+    try:
+        _wait_until(lambda: rank1.extend(_children(process.pid)) or rank1, 120, "rank 1", log)
+        # Both ranks are in the training loop once the first steps are logged.
+        metrics = output / "logs" / "run-000" / "metrics.csv"
+        _wait_until(lambda: metrics.is_file() or process.poll() is not None, _WAIT_S, "a step", log)
+        yield process, rank1[0]
+    finally:
+        for pid in [process.pid, *rank1]:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        process.wait()
+
+
+@pytest.mark.slow
+def test_a_killed_rank_ends_the_whole_job(tmp_path: Path) -> None:
+    log = tmp_path / "fit.log"
+    with _two_rank_fit(tmp_path / "run", log) as (process, rank1):
+        os.kill(rank1, signal.SIGKILL)
+        # Rank 0 would otherwise wait for rank 1 in the next all-reduce for 30 minutes.
+        process.wait(timeout=60)
+        assert process.returncode != 0
+    text = log.read_text(errors="replace")
+    assert "Traceback" not in text
+    # Rank 0 names the dead rank: in its one-line error when its next collective fails first,
+    # else in the log line of Lightning's watchdog, which then kills it.
+    assert re.search(rf"\b{rank1}\b.* code -9", text), _tail(log)
+
+
+@pytest.mark.slow
+def test_an_error_on_rank_0_ends_the_other_rank_with_a_one_line_error(tmp_path: Path) -> None:
+    # Only rank 0 writes checkpoints: a directory where last.ckpt goes makes its first save
+    # fail while rank 1 waits for it at the barrier that follows every save.
+    output, log = tmp_path / "run", tmp_path / "fit.log"
+    (output / "checkpoints" / "last.ckpt").mkdir(parents=True)
+    with _two_rank_fit(output, log) as (process, rank1):
+        assert process.wait(timeout=_WAIT_S) == 2, _tail(log)
+        _wait_until(lambda: not _alive(rank1), 30, "rank 1's end", log)
+    text = log.read_text(errors="replace")
+    assert "Traceback" not in text
+    assert re.search(r"barlowtwins: error: .*last\.ckpt", text), _tail(log)

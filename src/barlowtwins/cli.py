@@ -16,6 +16,7 @@ import yaml
 
 from barlowtwins.checkpoint import CheckpointError
 from barlowtwins.config import ConfigError, FitConfig, load_fit_config
+from barlowtwins.distributed import DistributedJobError
 from barlowtwins.loss import NonFiniteLossError
 
 _log = logging.getLogger("barlowtwins")
@@ -28,7 +29,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         return args.run(args)
-    except (ConfigError, CheckpointError, NonFiniteLossError, ValueError, OSError) as error:
+    except (
+        ConfigError,
+        CheckpointError,
+        NonFiniteLossError,
+        DistributedJobError,
+        ValueError,
+        OSError,
+    ) as error:
         if os.environ.get("BARLOWTWINS_DEBUG"):
             raise
         message = str(error).splitlines()[0] if str(error) else type(error).__name__

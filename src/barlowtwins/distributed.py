@@ -38,6 +38,10 @@ def global_sum(tensor: Tensor) -> Tensor:
     return _SumOverRanks.apply(tensor)
 
 
+class DistributedJobError(RuntimeError):
+    """A process of a multi-process run failed; the other processes were stopped."""
+
+
 class _SumOverRanks(torch.autograd.Function):
     """All-reduce (sum) whose backward all-reduces the gradient too.
 
@@ -173,6 +177,7 @@ def sync_batchnorm(module: nn.Module, device: torch.device | str) -> nn.Module:
 
 
 __all__ = [
+    "DistributedJobError",
     "GlobalBatchNorm",
     "convert_to_global_batchnorm",
     "global_count",

@@ -5,6 +5,9 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import os
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -14,16 +17,25 @@ import torch
 import yaml
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, Logger
+from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from barlowtwins.checkpoint import EncoderInfo, safe_load, save_encoder
-from barlowtwins.config import ConfigError, FitConfig
+from barlowtwins.config import (
+    FASHION_MNIST,
+    ConfigError,
+    FitConfig,
+    default_crop_scale,
+    is_fashion_mnist,
+)
 from barlowtwins.data import ImageDataset, InMemoryImages, load_data
 from barlowtwins.datamodule import BarlowTwinsDataModule
+from barlowtwins.distributed import DistributedJobError
 from barlowtwins.lightning_plugins import (
     AtomicCheckpointIO,
     GlobalBatchNormSync,
     PreemptionCheckpoint,
+    ProgressBar,
     RngStateCheckpoint,
 )
 from barlowtwins.loss import cross_correlation
@@ -34,7 +46,11 @@ _log = logging.getLogger("barlowtwins")
 
 CHECKPOINT_DIR = "checkpoints"
 LAST_CHECKPOINT = "last.ckpt"
-FASHION_MNIST = "fashion-mnist"
+# The final summary's kNN also reports these neighbour counts: 20 (DINO's protocol) and
+# 200 (InstDisc's and lightly's).
+SUMMARY_K = (20, 200)
+# How long rank 0 waits for a launched rank's exit status after a collective failed.
+_EXIT_STATUS_WAIT_S = 2.0
 
 
 def fit(config: FitConfig) -> dict[str, Any]:
@@ -68,7 +84,7 @@ def fit(config: FitConfig) -> dict[str, Any]:
         weight_decay=config.weight_decay,
         warmup_epochs=config.warmup_epochs,
         batch_size=config.batch_size,
-        crop_scale=config.crop_scale,
+        crop_scale=tuple(config.crop_scale or default_crop_scale(config.data)),
         knn_k=config.knn_k,
     )
     datamodule = BarlowTwinsDataModule(
@@ -91,11 +107,13 @@ def fit(config: FitConfig) -> dict[str, Any]:
         _check_resumable(last, module)
         _log.info("resuming from %s", last)
     (output / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    _treat_sigusr1_as_sigterm()
+    training_started = time.perf_counter()
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=last if last.is_file() else None)
     except SIGTERMException:
         print(
-            f"stopped by SIGTERM at step {trainer.global_step}: saved {last}; "
+            f"stopped by SIGTERM/SIGUSR1 at step {trainer.global_step}: saved {last}; "
             "rerun the same command to resume"
         )
         raise SystemExit(143) from None
@@ -108,8 +126,16 @@ def fit(config: FitConfig) -> dict[str, Any]:
             "rerun the same command to resume"
         )
         raise SystemExit(130) from None
+    except Exception:
+        # Without this, the ranks this process launched would wait for it in their next
+        # collective until the 30-minute timeout.
+        failure = _stop_launched_ranks(trainer)
+        if failure is not None:
+            raise DistributedJobError(failure) from None
+        raise
     if not trainer.is_global_zero:
         return {}
+    training_minutes = (time.perf_counter() - training_started) / 60
 
     merge_metrics(output)
     info = EncoderInfo.from_hparams(dict(module.hparams))
@@ -123,6 +149,7 @@ def fit(config: FitConfig) -> dict[str, Any]:
             train,
             val,
             k=config.knn_k,
+            more_k=SUMMARY_K,
             seed=config.seed,
             precision="bf16" if "bf16" in str(trainer.precision) else "32",
         )
@@ -136,9 +163,52 @@ def fit(config: FitConfig) -> dict[str, Any]:
             cross_correlation=_held_out_cross_correlation(module, val or train),
         )
     results["minutes"] = round((time.perf_counter() - started) / 60, 2)
+    # This invocation's trainer.fit only (a resumed run's earlier invocations not included).
+    results["training_minutes"] = round(training_minutes, 2)
     (output / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     _print_summary(results, output)
     return results
+
+
+def _treat_sigusr1_as_sigterm() -> None:
+    """Let SIGUSR1, which clusters also send before preemption, checkpoint and stop like SIGTERM.
+
+    Under SLURM, Lightning installs its own SIGUSR1 handler when training starts (checkpoint
+    and requeue) if none is installed yet, so this one is left out there.
+    """
+    if SLURMEnvironment.detect() or threading.current_thread() is not threading.main_thread():
+        return
+    signal.signal(signal.SIGUSR1, lambda *_: os.kill(os.getpid(), signal.SIGTERM))
+
+
+def _stop_launched_ranks(trainer: L.Trainer) -> str | None:
+    """Kill the ranks that Lightning launched from this process; describe one that failed.
+
+    On one node, Lightning starts ranks 1..N-1 as child processes of rank 0. When one of them
+    dies, rank 0's next collective fails with a connection error that does not say why, so the
+    message names the child's exit status instead.
+    """
+    launcher = trainer.strategy.launcher
+    children = list(getattr(launcher, "procs", []))
+    if launcher is None or not children:
+        return None
+    deadline = time.monotonic() + _EXIT_STATUS_WAIT_S
+    failed = [(rank, child) for rank, child in enumerate(children, 1) if child.poll()]
+    while not failed and time.monotonic() < deadline:
+        time.sleep(0.05)
+        failed = [(rank, child) for rank, child in enumerate(children, 1) if child.poll()]
+    launcher.kill(signal.SIGKILL)
+    if not failed:
+        return None
+    rank, child = failed[0]
+    code = child.returncode
+    if code < 0:
+        cause = signal.Signals(-code).name
+        if -code == signal.SIGKILL:
+            cause += ", e.g. from the out-of-memory killer"
+    else:
+        cause = "its error is printed above"
+    return f"local rank {rank} (pid {child.pid}) ended with code {code} ({cause}); job stopped"
 
 
 @torch.no_grad()
@@ -188,7 +258,7 @@ def _plain(value: Any) -> Any:
 
 
 def _load_datasets(config: FitConfig) -> tuple[ImageDataset, ImageDataset | None]:
-    is_fashion = config.data.lower().startswith(FASHION_MNIST)
+    is_fashion = is_fashion_mnist(config.data)
     # Folders are stored a little larger than the views so random crops are not upsampled.
     load_size = config.image_size
     if not is_fashion:
@@ -262,6 +332,7 @@ def _trainer(config: FitConfig, output: Path, *, monitor: bool) -> L.Trainer:
             checkpoint,
             PreemptionCheckpoint(output / CHECKPOINT_DIR / LAST_CHECKPOINT),
             RngStateCheckpoint(),
+            ProgressBar(),
         ],
         logger=_loggers(output),
         log_every_n_steps=10,
@@ -311,9 +382,16 @@ def merge_metrics(output: Path) -> Path:
 def _print_summary(results: dict[str, Any], output: Path) -> None:
     knn = results.get("knn")
     if knn:
-        print(f"\nTest kNN accuracy (k={knn['k']}, cosine, temperature {knn['temperature']}):")
-        for name in ("barlow twins", "random init", "raw pixels"):
-            print(f"  {name:<13} {knn[name]:6.2f}%")
+        columns = list(knn["at_k"])
+        print(
+            f"\nTest kNN accuracy on {knn['test_images']} images (cosine similarity, "
+            f"temperature {knn['temperature']}, all {results['train_images']} training "
+            "images vote):"
+        )
+        print(" " * 15 + "".join(f"{'k=' + n:>9}" for n in columns))
+        for name in knn["at_k"][columns[0]]:
+            row = "".join(f"{knn['at_k'][n][name]:8.2f}%" for n in columns)
+            print(f"  {name:<13}{row}")
     print(
         f"\nwrote {output}: backbone.pt, checkpoints/, metrics.csv, results.json"
         + (", plots/" if results.get("plots") else "")

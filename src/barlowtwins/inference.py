@@ -52,7 +52,8 @@ def encode(
     backbone, info = load_encoder(checkpoint)
     target = _device(device)
     dataset = _load(data, info, **data_options)
-    return _features(backbone.to(target), info, dataset, batch_size, target), dataset
+    backbone.to(target, memory_format=torch.channels_last)
+    return _features(backbone, info, dataset, batch_size, target), dataset
 
 
 def evaluate_encoder(
@@ -71,7 +72,7 @@ def evaluate_encoder(
     """kNN (and optionally linear-probe) test accuracy of a frozen pretrained encoder."""
     backbone, info = load_encoder(checkpoint)
     target = _device(device)
-    backbone.to(target)
+    backbone.to(target, memory_format=torch.channels_last)
     train_data = _load(train, info, **data_options)
     test_data = _load(test, info, **{**data_options, "max_samples": None})
     for name, data in (("train", train_data), ("test", test_data)):

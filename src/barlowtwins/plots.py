@@ -134,13 +134,13 @@ def plot_knn_accuracy(
 
     figure = _new_figure(7.0, 4.5)
     axes = figure.add_subplot()
-    axes.plot(epochs, accuracy, marker="o", color="black", label="Barlow Twins")
+    axes.plot(epochs, accuracy, marker="o", color="black", label="Barlow Twins, per epoch")
     for index, (name, value) in enumerate((baselines or {}).items()):
         axes.axhline(value, linestyle="--", color=f"C{index}", label=f"{name} ({value:.1f}%)")
     axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes.set_xlabel("epoch")
     axes.set_ylabel("kNN accuracy (%)")
-    axes.set_title("Validation kNN accuracy")
+    axes.set_title("kNN accuracy: per-epoch monitor, and final scores (dashed)")
     axes.grid(alpha=0.3)
     axes.legend()
     return _save(figure, out)

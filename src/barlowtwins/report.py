@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ def score_encoders(
     test: ImageDataset,
     *,
     k: int,
+    more_k: Sequence[int] = (),
     temperature: float = 0.1,
     seed: int = 0,
     precision: str = "32",
@@ -37,7 +39,9 @@ def score_encoders(
     similarity) for each ``test`` image.
 
     Returns:
-        The accuracies (percent) with the protocol, and the trained encoder's test features.
+        The accuracies (percent) at ``k`` with the protocol, the accuracies at ``k`` and every
+        ``more_k`` under ``"at_k"`` (keyed by the decimal ``k``), and the trained encoder's
+        test features.
     """
     assert train.labels is not None and test.labels is not None
     device = next(backbone.parameters()).device
@@ -54,31 +58,35 @@ def score_encoders(
             precision=precision,
         )
 
-    def accuracy(train_features: torch.Tensor, test_features: torch.Tensor) -> float:
-        return knn_accuracy(
-            train_features,
-            train.labels,
-            test_features,
-            test.labels,
-            num_classes=num_classes,
-            k=k,
-            temperature=temperature,
-        )
+    neighbours = sorted({k, *more_k})
+    at_k: dict[str, dict[str, float]] = {str(n): {} for n in neighbours}
+
+    def score(name: str, train_features: torch.Tensor, test_features: torch.Tensor) -> None:
+        for n in neighbours:
+            at_k[str(n)][name] = knn_accuracy(
+                train_features,
+                train.labels,
+                test_features,
+                test.labels,
+                num_classes=num_classes,
+                k=n,
+                temperature=temperature,
+            )
 
     test_features = features(backbone, test)
-    scores: dict[str, Any] = {"k": k, "temperature": temperature, "test_images": len(test)}
-    scores["barlow twins"] = accuracy(features(backbone, train), test_features)
-
+    score("barlow twins", features(backbone, train), test_features)
     torch.manual_seed(seed)
     random_init, _ = build_backbone(
         info.backbone, in_channels=info.in_channels, small_image=info.small_image
     )
-    random_init.to(device)
-    scores["random init"] = accuracy(features(random_init, train), features(random_init, test))
+    # Channels-last as the trained module's model: ~1.7x faster convolutions on CPU.
+    random_init.to(device, memory_format=torch.channels_last)
+    score("random init", features(random_init, train), features(random_init, test))
     if isinstance(train, InMemoryImages) and isinstance(test, InMemoryImages):
-        scores["raw pixels"] = accuracy(
-            raw_pixel_features(train.images), raw_pixel_features(test.images)
-        )
+        score("raw pixels", raw_pixel_features(train.images), raw_pixel_features(test.images))
+    scores: dict[str, Any] = {"k": k, "temperature": temperature, "test_images": len(test)}
+    scores.update(at_k[str(k)])
+    scores["at_k"] = at_k
     return scores, test_features
 
 
@@ -100,8 +108,14 @@ def write_plots(
     directory = output / "plots"
     directory.mkdir(exist_ok=True)
     metrics = output / "metrics.csv"
+    # The monitor's bank is a sample of the training set; the final scores let all training
+    # images vote, so they are drawn as references rather than joined to the curve.
     baselines = (
-        {name: scores[name] for name in ("random init", "raw pixels") if name in scores}
+        {
+            f"{name}, final": scores[name]
+            for name in ("barlow twins", "random init", "raw pixels")
+            if name in scores
+        }
         if scores
         else None
     )
