@@ -193,10 +193,11 @@ def _stop_launched_ranks(trainer: L.Trainer) -> str | None:
     if launcher is None or not children:
         return None
     deadline = time.monotonic() + _EXIT_STATUS_WAIT_S
-    failed = [(rank, child) for rank, child in enumerate(children, 1) if child.poll()]
-    while not failed and time.monotonic() < deadline:
-        time.sleep(0.05)
+    while True:
         failed = [(rank, child) for rank, child in enumerate(children, 1) if child.poll()]
+        if failed or time.monotonic() >= deadline:
+            break
+        time.sleep(0.05)
     launcher.kill(signal.SIGKILL)
     if not failed:
         return None
