@@ -230,6 +230,31 @@ def interleave(
     return figures
 
 
+def median_seconds_per_call(
+    calls: dict[str, Callable[[], object]],
+    device: torch.device,
+    *,
+    min_seconds: float,
+    repeats: int,
+    log: bool = True,
+) -> dict[str, float]:
+    """Median seconds per call of each function, timed in interleaved repeats.
+
+    Each function is first calibrated (:func:`calibrate`) so that one repeat lasts about
+    ``min_seconds``; then the repeats alternate between the functions (:func:`interleave`).
+    """
+    counts = {name: calibrate(fn, device, min_seconds) for name, fn in calls.items()}
+    times = interleave(
+        {
+            name: (lambda fn=fn, n=counts[name]: per_call(fn, device, n))
+            for name, fn in calls.items()
+        },
+        repeats,
+        log=log,
+    )
+    return {name: median(values) for name, values in times.items()}
+
+
 def median(values: list[float]) -> float:
     """Median of the repeats (robust to one repeat slowed down by another process)."""
     return statistics.median(values)

@@ -153,17 +153,9 @@ def _compare(args: argparse.Namespace, device: torch.device, precision: str) -> 
             "lightly": _loss_call(theirs, z_a, z_b, dtype),
             "gemm": _gemm_call(z_a, z_b),
         }
-        counts = {
-            name: _common.calibrate(fn, device, args.min_seconds) for name, fn in calls.items()
-        }
-        times = _common.interleave(
-            {
-                name: (lambda fn=fn, n=counts[name]: _common.per_call(fn, device, n))
-                for name, fn in calls.items()
-            },
-            args.repeats,
+        seconds = _common.median_seconds_per_call(
+            calls, device, min_seconds=args.min_seconds, repeats=args.repeats
         )
-        seconds = {name: _common.median(values) for name, values in times.items()}
         memory = {name: _peak_bytes(fn, device) / _MIB for name, fn in calls.items()}
         for name in ("barlowtwins", "lightly"):
             print(
@@ -204,18 +196,10 @@ def _scaling(args: argparse.Namespace, device: torch.device, precision: str) -> 
         for batch in _SCALING_BATCHES:
             z_a, z_b = _embeddings(batch, dim, device, dtype or torch.float32, args.seed)
             calls = {"loss": _loss_call(loss_fn, z_a, z_b, dtype), "gemm": _gemm_call(z_a, z_b)}
-            counts = {
-                name: _common.calibrate(fn, device, args.min_seconds) for name, fn in calls.items()
-            }
-            times = _common.interleave(
-                {
-                    name: (lambda fn=fn, n=counts[name]: _common.per_call(fn, device, n))
-                    for name, fn in calls.items()
-                },
-                args.repeats,
-                log=False,
+            seconds = _common.median_seconds_per_call(
+                calls, device, min_seconds=args.min_seconds, repeats=args.repeats, log=False
             )
-            loss_s, gemm_s = (_common.median(times[name]) for name in ("loss", "gemm"))
+            loss_s, gemm_s = seconds["loss"], seconds["gemm"]
             loss_mib, gemm_mib = (_peak_bytes(calls[name], device) / _MIB for name in calls)
             print(
                 f"| {dim} | {batch} | {loss_s * 1e3:.1f} | {loss_s / gemm_s:.2f} | "
