@@ -1,19 +1,23 @@
 """End-to-end Barlow Twins training throughput: barlowtwins vs lightly on identical work.
 
-Both sides train the same network on the same data: a ResNet-18 with the small-image stem
-(3x3 stride-1 first convolution, no max-pool) and a 512-2048-2048-2048 projector, on random
-uint8 32x32 RGB images, ``--batch`` images per step. One step is: make both views of the batch,
+Both sides train the same network on the same data: by default a ResNet-18 with the
+small-image stem (3x3 stride-1 first convolution, no max-pool) and a 512-2048-2048-2048
+projector, on random uint8 32x32 RGB images, ``--batch`` images per step. ``--fit-network``
+trains the network of ``barlowtwins fit``'s defaults instead: ResNet-10 with the standard stem
+on 28x28 images, batch 512, projector 1024-1024-1024 (RGB on both sides, as lightly's
+transform expects three channels). One step is: make both views of the batch,
 forward both, the Barlow Twins loss, backward and the optimiser step. Throughput is source
 images per second (each image gives two views), median of interleaved repeats after warm-up.
 
 * barlowtwins, default path: a DataLoader of uint8 tensors, ``BatchedBarlowTwinsAugment`` on
-  the batch on the training device, ``build_backbone("resnet18", small_image=True)`` and
+  the batch on the training device, ``build_backbone("resnet18", small_image=True)`` (whose
+  convolutions are :class:`barlowtwins.convolution.SmallOutputConv2d`) and
   ``BarlowTwins`` in channels-last (the training module's default), ``BarlowTwinsLoss``, LARS
   from ``build_optimizer(name="lars")``, at barlowtwins' default precision for the device
   (bf16 autocast on CUDA and CPUs with fast bf16, float32 elsewhere).
 * lightly, its example pipeline as shipped: its BYOL two-view transform (same operations and
   probabilities as barlowtwins' views) on PIL images in the DataLoader (``--workers``
-  processes; 0 = in the training process), torchvision's resnet18 with the same stem change,
+  processes; 0 = in the training process), torchvision's ResNet with the same stem,
   lightly's ``BarlowTwinsProjectionHead(512, 2048, 2048)`` and ``BarlowTwinsLoss``,
   ``torch.optim.SGD(lr=0.06)``, float32, default memory format.
 
@@ -49,7 +53,9 @@ from barlowtwins import (
     build_optimizer,
 )
 
-_IMAGE_SIZE = 32
+# (backbone, small-image stem, image size, batch, projector) of the two networks.
+_ISSUE_NETWORK = ("resnet18", True, 32, 128, (2048, 2048, 2048))
+_FIT_NETWORK = ("resnet10", False, 28, 512, (1024, 1024, 1024))
 # The issue's targets: 2.5x on the default path, at least even at equal precision.
 _DEFAULT_TARGET = 2.5
 _EQUAL_TARGET = 1.0
@@ -60,7 +66,16 @@ _LIGHTLY_LR = 0.06
 def _parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument(
-        "--batch", type=int, default=128, help="images per step, per device (default: 128)"
+        "--fit-network",
+        action="store_true",
+        help="train barlowtwins fit's default network (ResNet-10, standard stem, 28 px, "
+        "batch 512, projector 1024^3) instead of the issue's ResNet-18 on 32 px",
+    )
+    parser.add_argument(
+        "--batch",
+        type=int,
+        default=None,
+        help="images per step, per device (default: 128; 512 with --fit-network)",
     )
     parser.add_argument(
         "--num-images", type=int, default=512, help="random images in the dataset (default: 512)"
@@ -69,8 +84,9 @@ def _parse_args() -> argparse.Namespace:
         "--projector",
         type=int,
         nargs="+",
-        default=[2048, 2048, 2048],
-        help="projector sizes after the 512 backbone features (default: 2048 2048 2048)",
+        default=None,
+        help="projector sizes after the 512 backbone features "
+        "(default: 2048 2048 2048; 1024 1024 1024 with --fit-network)",
     )
     parser.add_argument(
         "--steps", type=int, default=1, help="training steps per timed repeat (default: 1)"
@@ -100,7 +116,13 @@ def _parse_args() -> argparse.Namespace:
         "--skip-equal", action="store_true", help="skip the equal-precision comparison"
     )
     _common.add_common_arguments(parser, repeats=2)
-    return parser.parse_args()
+    args = parser.parse_args()
+    args.backbone, args.small_image, args.image_size, batch, projector = (
+        _FIT_NETWORK if args.fit_network else _ISSUE_NETWORK
+    )
+    args.batch = batch if args.batch is None else args.batch
+    args.projector = list(projector) if args.projector is None else args.projector
+    return args
 
 
 @dataclass
@@ -159,11 +181,11 @@ def _forever(loader: DataLoader) -> Iterator[object]:
 
 
 def _ours(args: argparse.Namespace, images: Tensor, device: torch.device, precision: str) -> _Side:
-    backbone, feature_dim = build_backbone("resnet18", small_image=True)
+    backbone, feature_dim = build_backbone(args.backbone, small_image=args.small_image)
     memory_format = torch.contiguous_format if args.no_channels_last else torch.channels_last
     model = BarlowTwins(backbone, feature_dim, tuple(args.projector))
     model = model.to(device, memory_format=memory_format)
-    augment = BatchedBarlowTwinsAugment(_IMAGE_SIZE).to(device)
+    augment = BatchedBarlowTwinsAugment(args.image_size).to(device)
     batches = _forever(
         DataLoader(
             TensorDataset(images),
@@ -194,10 +216,12 @@ def _lightly(args: argparse.Namespace, images: Tensor, device: torch.device) -> 
     from lightly.loss import BarlowTwinsLoss as LightlyBarlowTwinsLoss
     from lightly.models.modules import BarlowTwinsProjectionHead
 
-    resnet = torchvision.models.resnet18()
-    # The same small-image stem as barlowtwins' small_image=True.
-    resnet.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
-    resnet.maxpool = nn.Identity()
+    blocks = {"resnet10": [1, 1, 1, 1], "resnet18": [2, 2, 2, 2]}[args.backbone]
+    resnet = torchvision.models.resnet.ResNet(torchvision.models.resnet.BasicBlock, blocks)
+    if args.small_image:
+        # The same small-image stem as barlowtwins' small_image=True.
+        resnet.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+        resnet.maxpool = nn.Identity()
     hidden, output = args.projector[0], args.projector[-1]
     model = nn.Sequential(
         nn.Sequential(*list(resnet.children())[:-1]),
@@ -207,7 +231,7 @@ def _lightly(args: argparse.Namespace, images: Tensor, device: torch.device) -> 
     pil_images = [Image.fromarray(image.permute(1, 2, 0).numpy()) for image in images]
     batches = _forever(
         DataLoader(
-            _PILImages(pil_images, _common.lightly_two_view_transform(_IMAGE_SIZE)),
+            _PILImages(pil_images, _common.lightly_two_view_transform(args.image_size)),
             batch_size=args.batch,
             shuffle=True,
             drop_last=True,
@@ -278,6 +302,8 @@ def main() -> None:
     precision = _common.default_precision(device) if args.precision == "auto" else args.precision
     print(_common.describe_machine(device))
     print(
+        f"network: {args.backbone}, small-image stem: {args.small_image}, "
+        f"{args.image_size} px, projector {args.projector}; "
         f"barlowtwins precision: {precision}, channels_last: {not args.no_channels_last}; "
         f"lightly: 32-true, DataLoader workers: {args.workers}; batch {args.batch}, "
         f"{args.steps} step(s) per repeat, {args.warmup} warm-up step(s)"
@@ -285,7 +311,7 @@ def main() -> None:
     images = torch.randint(
         0,
         256,
-        (args.num_images, 3, _IMAGE_SIZE, _IMAGE_SIZE),
+        (args.num_images, 3, args.image_size, args.image_size),
         dtype=torch.uint8,
         generator=torch.Generator().manual_seed(args.seed),
     )
@@ -297,7 +323,8 @@ def main() -> None:
     rates = _throughput(sides, args, device, views=None, precision=True, warmup=True)
     comparisons = [
         _common.Comparison(
-            f"training throughput, default paths ({precision} vs 32-true), batch {args.batch}",
+            f"training throughput, default paths ({precision} vs 32-true), {args.backbone} "
+            f"{args.image_size} px, batch {args.batch}",
             rates["barlowtwins"],
             rates["lightly"],
             "img/s",
@@ -308,7 +335,7 @@ def main() -> None:
     if not args.skip_equal:
         print("\nequal precision (float32), augmentation excluded: images/s")
         generator = torch.Generator(device).manual_seed(args.seed)
-        shape = (args.batch, 3, _IMAGE_SIZE, _IMAGE_SIZE)
+        shape = (args.batch, 3, args.image_size, args.image_size)
         views = (
             torch.randn(shape, generator=generator, device=device),
             torch.randn(shape, generator=generator, device=device),
@@ -320,7 +347,7 @@ def main() -> None:
         comparisons.append(
             _common.Comparison(
                 f"training throughput, equal precision (32-true, augmentation excluded), "
-                f"batch {args.batch}",
+                f"{args.backbone} {args.image_size} px, batch {args.batch}",
                 rates["barlowtwins"],
                 rates["lightly"],
                 "img/s",

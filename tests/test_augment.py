@@ -77,7 +77,26 @@ def test_identity_configuration_gives_the_normalised_resized_input() -> None:
 
 
 def test_crop_and_flip_match_torchvision_resized_crop() -> None:
-    """One grid_sample equals crop + bilinear resize (+ flip) of each sample's own box."""
+    """The per-sample resize equals torchvision's antialiased crop + resize (+ flip) on uint8."""
+    images = torch.randint(0, 256, (4, 3, 30, 40), dtype=torch.uint8, generator=_seeded())
+    boxes = torch.tensor([[0, 0, 30, 40], [5, 7, 20, 30], [3, 1, 8, 8], [10, 20, 17, 9]])
+    flip = torch.tensor([False, True, False, True])
+    out = augment._resize_each(
+        images.contiguous(memory_format=torch.channels_last),
+        boxes.float(),
+        flip,
+        out=torch.empty(4, 3, 16, 16),
+    )
+    for i, (t, l, h, w) in enumerate(boxes.tolist()):
+        expected = TF.resized_crop(
+            images[i], t, l, h, w, [16, 16], v2.InterpolationMode.BILINEAR, antialias=True
+        )
+        expected = expected.flip(-1) if flip[i] else expected
+        assert torch.equal(out[i], expected.float())
+
+
+def test_grid_crop_and_flip_match_resized_crop_without_antialias() -> None:
+    """One grid_sample (small views, CUDA) equals crop + bilinear resize (+ flip) of each box."""
     images = torch.rand(4, 3, 30, 40, generator=_seeded())
     boxes = torch.tensor([[0, 0, 30, 40], [5, 7, 20, 30], [3, 1, 8, 8], [10, 20, 17, 9]])
     top, left, height, width = boxes.float().unbind(1)
@@ -94,6 +113,19 @@ def test_crop_and_flip_match_torchvision_resized_crop() -> None:
         )
         expected = expected.flip(-1) if flip[i] < 0 else expected
         torch.testing.assert_close(out[i], expected, atol=1e-5, rtol=0)
+    # Enlarged crops (as for views as large as the images) equal the antialiased resize.
+    for i in (0, 1):
+        t, l, h, w = boxes[i].tolist()
+        expected = TF.resized_crop(
+            images[i], t, l, h, w, [48, 48], v2.InterpolationMode.BILINEAR, antialias=True
+        )
+        grid_x = augment._axis_map(left[i : i + 1], width[i : i + 1], 40, flip[i : i + 1])
+        grid_y = augment._axis_map(top[i : i + 1], height[i : i + 1], 30, torch.ones(1))
+        enlarged = augment._resized_crop(
+            images[i : i + 1], grid_x, grid_y, grid=torch.empty(1, 48, 48, 2)
+        )[0]
+        expected = expected.flip(-1) if flip[i] < 0 else expected
+        torch.testing.assert_close(enlarged, expected, atol=1e-5, rtol=0)
 
 
 def test_crop_boxes_follow_random_resized_crop() -> None:
@@ -167,6 +199,34 @@ def test_blur_matches_torchvision_with_per_sample_sigma() -> None:
         torch.testing.assert_close(out[i], expected, atol=1e-4, rtol=0)
 
 
+def test_blur_radius_groups_match_each_samples_own_kernel() -> None:
+    """Samples grouped by radius get exactly their own kernel of 2 * ceil(4 sigma) + 1 taps."""
+    images = torch.rand(6, 3, 30, 30, generator=_seeded())
+    sigma = torch.tensor([0.1, 2.0, 0.6, 1.3, 2.0, 0.3])  # radii 1, 8, 3, 6, 8, 2
+    out = augment._blur(images, sigma, kernel_size=23)
+    for i in range(6):
+        radius = int(torch.ceil(4 * sigma[i]))
+        expected = TF.gaussian_blur(images[i], [2 * radius + 1] * 2, [sigma[i].item()] * 2)
+        torch.testing.assert_close(out[i], expected, atol=1e-5, rtol=0)
+        alone = augment._blur(images[i : i + 1], sigma[i : i + 1], kernel_size=23)
+        torch.testing.assert_close(out[i : i + 1], alone, atol=1e-6, rtol=0)
+    # The per-sample truncation differs from the full 23-tap kernel only in its far tail.
+    full = augment._blur_radius(images, sigma, radius=11)
+    torch.testing.assert_close(out, full, atol=1e-4, rtol=0)
+
+
+def test_uint8_and_float_inputs_give_the_same_jitter() -> None:
+    """The 1/255 scale folded into the first blend step equals jittering the scaled image."""
+    config = replace(
+        IDENTITY, color_jitter_prob=1.0, brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1
+    )
+    images = _images(16, size=(12, 12))
+    aug = BatchedBarlowTwinsAugment(12)
+    from_uint8 = aug.augment_view(images, config, _seeded(7))
+    from_float = aug.augment_view(images.float() / 255, config, _seeded(7))
+    torch.testing.assert_close(from_uint8, from_float, atol=1e-5, rtol=0)
+
+
 def test_solarize_grayscale_and_flip_with_probability_one() -> None:
     images = _images(4, size=(16, 16)).float() / 255
     aug = BatchedBarlowTwinsAugment(16)
@@ -194,11 +254,15 @@ def test_seeded_generator_is_deterministic() -> None:
     assert not torch.equal(first[0], other[0])
 
 
-def test_results_do_not_depend_on_the_chunk_size(monkeypatch: pytest.MonkeyPatch) -> None:
-    images = _images(7, size=(40, 40))
-    aug = BatchedBarlowTwinsAugment(36)
+@pytest.mark.parametrize("size", [36, 96])  # grid_sample and per-sample resize
+def test_results_do_not_depend_on_the_chunk_size(
+    monkeypatch: pytest.MonkeyPatch, size: int
+) -> None:
+    images = _images(7, size=(size + 4, size + 4))
+    aug = BatchedBarlowTwinsAugment(size)
     whole = aug(images, _seeded(2))
-    monkeypatch.setattr(augment, "_CPU_CHUNK_ELEMENTS", 3 * 40 * 40 * 2)  # two samples a chunk
+    # Two samples a chunk, whichever of input and output sets the chunk size.
+    monkeypatch.setattr(augment, "_CPU_CHUNK_ELEMENTS", 3 * size * size * 2)
     for a, b in zip(whole, aug(images, _seeded(2)), strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
 
@@ -256,10 +320,21 @@ def test_empty_batch_gives_empty_views() -> None:
     assert view_a.shape == view_b.shape == (0, 3, 16, 16)
 
 
-def test_channels_last_input_gives_the_same_views() -> None:
-    images = _images(5, size=(40, 40))
-    aug = BatchedBarlowTwinsAugment(32)
+@pytest.mark.parametrize("size", [32, 96])  # grid_sample and per-sample resize
+def test_channels_last_input_gives_the_same_views(size: int) -> None:
+    images = _images(5, size=(size + 8, size + 8))
+    aug = BatchedBarlowTwinsAugment(size)
     expected = aug(images, _seeded(4))
     channels_last = images.contiguous(memory_format=torch.channels_last)
     for a, b in zip(expected, aug(channels_last, _seeded(4)), strict=True):
         torch.testing.assert_close(a, b)
+
+
+def test_large_float_views_resize_each_sample_with_antialias() -> None:
+    """Float inputs take the per-sample resize too; a centre crop of the whole image is kept."""
+    images = torch.rand(3, 3, 120, 120, generator=_seeded())
+    out = BatchedBarlowTwinsAugment(96).augment_view(images, IDENTITY, _seeded())
+    expected = F.interpolate(images, size=96, mode="bilinear", antialias=True)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=0)
+    as_double = BatchedBarlowTwinsAugment(96).augment_view(images.double(), IDENTITY)
+    torch.testing.assert_close(as_double, expected, atol=1e-5, rtol=0)

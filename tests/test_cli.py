@@ -193,6 +193,23 @@ def test_print_config_shows_the_crop_scale_in_effect(
 
 
 @pytest.mark.parametrize(
+    ("args", "learning_rates"),
+    [
+        ([], (3.0, 0.0144)),
+        (["--optimizer", "adamw"], (0.002, 0.0048)),
+        (["--optimizer", "sgd", "--lr-biases", "0.01"], (0.06, 0.01)),
+        (["--optimizer", "adamw", "--lr-weights", "0.001"], (0.001, 0.0048)),
+    ],
+)
+def test_print_config_shows_the_optimizers_learning_rates(
+    args: list[str], learning_rates: tuple[float, float], capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["fit", *args, "--print-config"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert (printed["lr_weights"], printed["lr_biases"]) == learning_rates
+
+
+@pytest.mark.parametrize(
     ("args", "message"),
     [
         (["fit", "--backbone", "resnet9000"], "unknown backbone 'resnet9000'"),

@@ -10,26 +10,32 @@ workers.
 How each operation relates to torchvision's per-sample pipeline
 (:class:`barlowtwins.transforms.BarlowTwinsTransform`):
 
-* Random resized crop + flip + resize are one ``grid_sample`` per chunk of the batch. Crop
-  boxes follow ``RandomResizedCrop``'s sampling (area fraction uniform, log aspect ratio
-  uniform, ten trials, centre-crop fallback) on integer pixel boxes, and each output equals
-  torchvision's crop + *bilinear* resize without antialiasing (+ flip) of its box. The
-  paper's bicubic antialiased resize differs visibly only when crops are shrunk by more than
-  ~2x; feeding images at most ~1.15x the output size (e.g. 256 px for 224 px views) avoids that.
+* Random resized crop: crop boxes follow ``RandomResizedCrop``'s sampling (area fraction
+  uniform, log aspect ratio uniform, ten trials, centre-crop fallback) on integer pixel boxes.
+  On CPU, for views larger than ``_PER_SAMPLE_RESIZE_MIN`` pixels, each sample's box is sliced
+  and resized on its own with bilinear antialiased ``interpolate``, which equals torchvision's
+  ``resized_crop(..., BILINEAR, antialias=True)`` (its default) of the box; uint8 images stay
+  uint8 until after the resize, as torchvision's and PIL's resizes do, which takes PyTorch's
+  vectorised uint8 kernel. Smaller views and CUDA batches are cropped, flipped and resized by
+  one ``grid_sample`` per chunk instead, which equals the crop + bilinear resize *without*
+  antialiasing: identical when crops are enlarged (always the case for views as large as the
+  images, e.g. 32 px views of 32 px images), visibly different only for crops shrunk by more
+  than ~2x. The paper's bicubic resize differs slightly from both.
 * Colour jitter equals torchvision's ``ColorJitter`` for every sample: factors uniform in
   ``[max(0, 1 - s), 1 + s]`` (hue in ``[-h, h]``), the operations in a random order drawn
   *per sample*, values clipped to [0, 1] after each one. Brightness, contrast and saturation
-  are affine maps of a pixel's colour, so each position of the order is one batched 3x3
-  matrix product with per-sample matrices; the samples whose operation at that position is hue
-  get torchvision's HSV hue shift, computed directly on RGB.
+  all blend the image towards a target (black, its mean luma, its luma plane), so each position
+  of the order is one batched ``lerp`` with per-sample weights and targets; the samples whose
+  operation at that position is hue get torchvision's HSV hue shift, computed directly on RGB.
 * Grayscale, Gaussian blur (separable depthwise convolution with per-sample sigma, reflect
   padding, torchvision's kernel truncated at 4 sigma) and solarisation (``x >= 0.5`` ->
   ``1 - x``) run only on the samples that drew them.
 
 On CPU the batch is processed in chunks of a few megabytes, so intermediate tensors stay in
 cache and are recycled by the allocator instead of being freshly mapped for every operation.
-All parameters are drawn for the whole batch before any chunk is processed, so results do not
-depend on the chunk size.
+All parameters are drawn for the whole batch before any chunk is processed, and every
+operation's result for a sample depends only on that sample, so results do not depend on the
+chunk size.
 """
 
 from __future__ import annotations
@@ -62,6 +68,11 @@ _BLUR_TRUNCATE_SIGMAS = 4.0
 # Float elements per CPU chunk (8 MiB): large enough to amortise per-operation overhead,
 # small enough to stay in cache and be recycled by the allocator.
 _CPU_CHUNK_ELEMENTS = 1 << 21
+# Smallest view side that is resized sample by sample on CPU. Below it the per-call overhead
+# of 2 x B small resizes outweighs their work and one grid_sample per chunk is faster (whole
+# forward: 1.04x at 64 px, 4x for the resize alone at 32 px); above it the per-sample uint8
+# resize wins (forward 1.1x at 96 and 128 px; the resize alone is 6x faster at 224 px).
+_PER_SAMPLE_RESIZE_MIN = 96
 # Columns of the single uniform draw per sample: crop (4 per trial), flip, jitter on/off,
 # four jitter factors, four order keys, grayscale, blur on/off, blur sigma, solarize.
 _CROP_COLS = 4 * _CROP_TRIALS
@@ -72,35 +83,41 @@ _N_UNIFORMS = _CROP_COLS + 14
 class _JitterStep:
     """One position of the per-sample jitter order.
 
-    Brightness, contrast and saturation are all ``clip(a * x + b * gray + c * mean_gray, 0, 1)``
-    with per-sample coefficients: brightness ``(f, 0, 0)``, contrast ``(f, 0, 1 - f)``,
-    saturation ``(f, 1 - f, 0)``, and ``(1, 0, 0)`` for samples with another operation here
-    (``gray`` is the luma plane, ``mean_gray`` its mean). Samples flagged in ``hue`` get their
-    HSV hue shifted by ``hue_shift`` turns.
+    Brightness, contrast and saturation are all ``clip(lerp(x, target, w), 0, 1)`` with
+    ``target = b * gray + c * mean_gray`` and per-sample coefficients ``(w, b, c)``: brightness
+    ``(1 - f, 0, 0)`` (target black), contrast ``(1 - f, 0, 1)``, saturation ``(1 - f, 1, 0)``,
+    and ``(0, 0, 0)`` for samples with another operation here (``gray`` is the luma plane,
+    ``mean_gray`` its mean). Samples flagged in ``hue`` get their HSV hue shifted by
+    ``hue_shift`` turns.
     """
 
-    affine: Tensor | None  # (B, 3): a, b, c; None when no sample gets an affine operation
+    blend: Tensor | None  # (B, 3): w, b, c; None when no sample gets a blend operation
     hue: Tensor | None  # (B,) bool
     hue_shift: Tensor | None  # (B,)
 
 
 @dataclass
 class _Chunk:
-    """A slice of the batch as float32, with scratch space shared by all chunks of a call."""
+    """A slice of the batch, with scratch space shared by all chunks of a call.
+
+    ``raw`` holds the samples of the chunk as the resize reads them: float32 for
+    ``grid_sample``, or the input's own dtype (channels-last for uint8) for the per-sample
+    resize, which writes float32 into ``resized``. ``scale`` maps either to [0, 1].
+    """
 
     rows: slice
-    raw: Tensor  # (n, C, H, W): values in [0, 255] (uint8 input) or [0, 1]
-    scale: float  # maps raw to [0, 1]
-    grid: Tensor  # (n, size, size, 2) scratch for the sampling grid
-    scratch: Tensor  # (n, C, size, size) scratch for the colour jitter
+    raw: Tensor  # (n, C, H, W)
+    scale: float
+    grid: Tensor | None  # (n, size, size, 2) scratch for the sampling grid
+    resized: Tensor | None  # (n, C, size, size) scratch for the per-sample resize
 
 
 @dataclass
 class _ViewParams:
     """Per-sample random parameters of one view of a batch."""
 
-    grid_x: Tensor  # (B, 4): see _axis_map
-    grid_y: Tensor  # (B, 4)
+    boxes: Tensor  # (B, 4): top, left, height, width of the crop, integer-valued
+    flip: Tensor  # (B,) bool
     jitter: list[_JitterStep]
     grayscale: Tensor | None  # (B,) bool
     blur: Tensor | None  # (B,) bool
@@ -147,7 +164,7 @@ class BatchedBarlowTwinsAugment(nn.Module):
         self.view_b = default_b if view_b is None else view_b
         self.mean, self.std = resolve_normalization(channels, mean, std)
         self.blur_kernel_size = blur_kernel_size(self.image_size)
-        # Normalisation as one fused multiply-add: (x - mean) / std = x * (1 / std) - mean / std.
+        # Normalisation as a multiply and an add: (x - mean) / std = x * (1 / std) - mean / std.
         inv_std = torch.tensor([1.0 / s for s in self.std]).view(1, channels, 1, 1)
         shift = torch.tensor([-m / s for m, s in zip(self.mean, self.std, strict=True)]).view(
             1, channels, 1, 1
@@ -187,7 +204,8 @@ class BatchedBarlowTwinsAugment(nn.Module):
         for chunk in self._chunks(images):
             for params, out in ((params_a, views[0]), (params_b, views[1])):
                 view = self._augment_chunk(chunk, params)
-                torch.addcmul(shift, view, inv_std, out=out[chunk.rows])
+                # A multiply and an in-place add run twice as fast as a broadcast addcmul.
+                torch.mul(view, inv_std, out=out[chunk.rows]).add_(shift)
         return views[0], views[1]
 
     @torch.no_grad()
@@ -242,38 +260,65 @@ class BatchedBarlowTwinsAugment(nn.Module):
         shape = (images.shape[0], self.channels, self.image_size, self.image_size)
         return [torch.empty(shape, dtype=torch.float32, device=images.device) for _ in range(count)]
 
+    def _resizes_per_sample(self, images: Tensor) -> bool:
+        """Whether crops are resized one sample at a time (see ``_PER_SAMPLE_RESIZE_MIN``)."""
+        return images.device.type == "cpu" and self.image_size >= _PER_SAMPLE_RESIZE_MIN
+
     def _chunks(self, images: Tensor) -> Iterator[_Chunk]:
-        """Yield the batch as float32 chunks that share one set of scratch tensors.
+        """Yield the batch in chunks that share one set of scratch tensors.
 
         Reusing the scratch tensors across chunks spares the allocator from mapping (and the
         kernel from zero-filling) fresh pages for every chunk.
         """
-        batch, channels = images.shape[:2]
-        if images.device.type == "cpu":
-            per_sample = channels * max(images.shape[2] * images.shape[3], self.image_size**2)
-            size = max(1, min(batch, _CPU_CHUNK_ELEMENTS // per_sample))
-        else:
+        batch, channels, height, width = images.shape
+        per_sample_resize = self._resizes_per_sample(images)
+        out_shape = (channels, self.image_size, self.image_size)
+        if images.device.type != "cpu":
             size = max(1, batch)
+        elif per_sample_resize:
+            # Only the resized views are float: the input is read in place or as uint8.
+            size = max(1, min(batch, _CPU_CHUNK_ELEMENTS // math.prod(out_shape)))
+        else:
+            per_sample = channels * max(height * width, self.image_size**2)
+            size = max(1, min(batch, _CPU_CHUNK_ELEMENTS // per_sample))
         scale = 1.0 / 255.0 if images.dtype == torch.uint8 else 1.0
-        # empty_like keeps a channels-last input channels-last, which grid_sample reads faster.
-        raw = (
-            None
-            if images.dtype == torch.float32
-            else torch.empty_like(images[:size], dtype=torch.float32)
-        )
-        grid = images.new_empty((size, self.image_size, self.image_size, 2), dtype=torch.float32)
-        scratch = images.new_empty(
-            (size, channels, self.image_size, self.image_size), dtype=torch.float32
-        )
+        if per_sample_resize:
+            # The vectorised uint8 resize needs channels-last input.
+            raw = (
+                torch.empty_like(images[:size], memory_format=torch.channels_last)
+                if images.dtype == torch.uint8
+                and not images.is_contiguous(memory_format=torch.channels_last)
+                else None
+            )
+            resized = images.new_empty((size, *out_shape), dtype=torch.float32)
+            grid = None
+        else:
+            # empty_like keeps a channels-last input channels-last, which grid_sample reads
+            # faster.
+            raw = (
+                None
+                if images.dtype == torch.float32
+                else torch.empty_like(images[:size], dtype=torch.float32)
+            )
+            grid = images.new_empty(
+                (size, self.image_size, self.image_size, 2), dtype=torch.float32
+            )
+            resized = None
         for start in range(0, batch, size):
             part = images[start : start + size]
             n = part.shape[0]
+            if raw is not None and per_sample_resize:
+                # Stacking the channel planes is ~1.6x faster than a transposing copy_.
+                torch.stack(part.unbind(1), dim=-1, out=raw[:n].permute(0, 2, 3, 1))
+                part = raw[:n]
+            elif raw is not None:
+                part = raw[:n].copy_(part)
             yield _Chunk(
                 rows=slice(start, start + n),
-                raw=part if raw is None else raw[:n].copy_(part),
+                raw=part,
                 scale=scale,
-                grid=grid[:n],
-                scratch=scratch[:n],
+                grid=None if grid is None else grid[:n],
+                resized=None if resized is None else resized[:n],
             )
 
     def _sample(
@@ -288,17 +333,12 @@ class BatchedBarlowTwinsAugment(nn.Module):
         flip, jitter_on, factors, order_keys = rest[:, 0], rest[:, 1], rest[:, 2:6], rest[:, 6:10]
         gray_u, blur_u, sigma_u, solarize_u = rest[:, 10], rest[:, 11], rest[:, 12], rest[:, 13]
 
-        top, left, crop_h, crop_w = _sample_crop_boxes(crop, height, width, config)
-        sign = torch.where(flip < config.hflip_prob, -1.0, 1.0)
-        grid_x = _axis_map(left, crop_w, width, sign)
-        grid_y = _axis_map(top, crop_h, height, torch.ones_like(sign))
-
         # Grayscale leaves a one-channel image unchanged, as in torchvision.
         gray_prob = config.grayscale_prob if self.channels == 3 else 0.0
         low, high = config.blur_sigma
         return _ViewParams(
-            grid_x=grid_x,
-            grid_y=grid_y,
+            boxes=torch.stack(_sample_crop_boxes(crop, height, width, config), dim=1),
+            flip=flip < config.hflip_prob,
             jitter=_jitter_steps(config, self.channels, jitter_on, factors, order_keys),
             grayscale=_bernoulli(gray_u, gray_prob),
             blur=_bernoulli(blur_u, config.blur_prob),
@@ -309,8 +349,17 @@ class BatchedBarlowTwinsAugment(nn.Module):
     def _augment_chunk(self, chunk: _Chunk, params: _ViewParams) -> Tensor:
         """Apply one view to a chunk of the batch; the result is in [0, 1]."""
         rows = chunk.rows
-        x = _resized_crop(chunk.raw, params.grid_x[rows], params.grid_y[rows], chunk.grid)
-        x = _color_jitter(x, params.jitter, rows, chunk.scale, chunk.scratch)
+        boxes, flip = params.boxes[rows], params.flip[rows]
+        if chunk.resized is not None:
+            x = _resize_each(chunk.raw, boxes, flip, chunk.resized)
+        else:
+            height, width = chunk.raw.shape[2:]
+            top, left, crop_h, crop_w = boxes.unbind(1)
+            sign = torch.where(flip, -1.0, 1.0)
+            grid_x = _axis_map(left, crop_w, width, sign)
+            grid_y = _axis_map(top, crop_h, height, torch.ones_like(sign))
+            x = _resized_crop(chunk.raw, grid_x, grid_y, chunk.grid)
+        x = _color_jitter(x, params.jitter, rows, chunk.scale)
         if params.grayscale is not None:
             x = _on_subset(x, params.grayscale[rows], _grayscale)
         if params.blur is not None:
@@ -416,6 +465,24 @@ def _resized_crop(raw: Tensor, grid_x: Tensor, grid_y: Tensor, grid: Tensor) -> 
     return F.grid_sample(raw, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
+def _resize_each(raw: Tensor, boxes: Tensor, flip: Tensor, out: Tensor) -> Tensor:
+    """Crop, resize (bilinear, antialiased) and flip each sample on its own into ``out``.
+
+    Equals torchvision's ``resized_crop(..., BILINEAR, antialias=True)`` of each box; uint8
+    samples are resized in uint8 (rounded, as torchvision and PIL do) and only then converted
+    to float, in ``raw``'s range.
+    """
+    size = out.shape[2:]
+    for i, ((top, left, height, width), flipped) in enumerate(
+        zip(boxes.int().tolist(), flip.tolist(), strict=True)
+    ):
+        crop = raw[i : i + 1, :, top : top + height, left : left + width]
+        resized = F.interpolate(crop, size=size, mode="bilinear", antialias=True)
+        # Flipping the small uint8 result is cheaper than flipping the float view.
+        out[i : i + 1].copy_(resized.flip(-1) if flipped else resized)
+    return out
+
+
 def _jitter_steps(
     config: ViewConfig, channels: int, on_u: Tensor, factor_u: Tensor, order_u: Tensor
 ) -> list[_JitterStep]:
@@ -433,59 +500,63 @@ def _jitter_steps(
             s = strengths[name]
             low, high = (-s, s) if name == "hue" else (max(0.0, 1 - s), 1 + s)
             factors[name] = low + (high - low) * factor_u[:, column]
-    zero = torch.zeros_like(on_u)
+    zero, one = torch.zeros_like(on_u), torch.ones_like(on_u)
+    # (weight of the target, weight of the luma plane in it, weight of the mean luma in it).
     coefficients = {
-        "brightness": lambda f: (f, zero, zero),
-        "contrast": lambda f: (f, zero, 1 - f),
-        "saturation": lambda f: (f, 1 - f, zero),
+        "brightness": lambda f: (1 - f, zero, zero),
+        "contrast": lambda f: (1 - f, zero, one),
+        "saturation": lambda f: (1 - f, one, zero),
     }
     on = on_u < config.color_jitter_prob
     # A random permutation per sample: the ranks of i.i.d. uniform keys.
     order = order_u[:, : len(ops)].argsort(dim=1)
-    identity = torch.stack((torch.ones_like(on_u), zero, zero), dim=1)
+    identity = torch.zeros(on_u.shape[0], 3, device=on_u.device)
     steps = []
     for position in range(len(ops)):
-        step = _JitterStep(affine=None, hue=None, hue_shift=None)
-        affine = identity
+        step = _JitterStep(blend=None, hue=None, hue_shift=None)
+        blend = identity
         for index, name in enumerate(ops):
             here = on & (order[:, position] == index)
             if name == "hue":
                 step.hue, step.hue_shift = here, factors[name]
             else:
                 values = torch.stack(coefficients[name](factors[name]), dim=1)
-                affine = torch.where(here[:, None], values, affine)
+                blend = torch.where(here[:, None], values, blend)
         if ops != ["hue"]:
-            step.affine = affine
+            step.blend = blend
         steps.append(step)
     return steps
 
 
-def _color_jitter(
-    x: Tensor, steps: list[_JitterStep], rows: slice, scale: float, scratch: Tensor
-) -> Tensor:
-    """Apply the jitter steps to samples ``rows`` of the batch; ``scale`` maps ``x`` to [0, 1].
+def _color_jitter(x: Tensor, steps: list[_JitterStep], rows: slice, scale: float) -> Tensor:
+    """Apply the jitter steps in place to ``x``, samples ``rows`` of the batch.
 
-    The scale is folded into the first step's coefficients, saving a pass over the chunk.
-    Affine steps alternate between ``x`` and ``scratch`` (same shape), so the result may be
-    either.
+    ``scale`` maps ``x`` to [0, 1]; it is folded into the first step's coefficients, saving a
+    pass over the chunk. Each blend step is ``x.lerp_(target, w)``, one in-place pass over the
+    chunk plus the clip, instead of separate products and sums.
     """
-    if not steps or steps[0].affine is None:
+    n, channels = x.shape[:2]
+    x = x.contiguous()
+    if not steps or steps[0].blend is None:
         x = x.mul_(scale) if scale != 1.0 else x
         scale = 1.0
-    n, channels = x.shape[:2]
-    x, buffer = x.contiguous(), scratch
-    luma = torch.tensor(_GRAY_WEIGHTS if channels == 3 else (1.0,), device=x.device)
-    luma = luma.view(1, 1, channels).expand(n, 1, channels)
-    for position, step in enumerate(steps):
-        if step.affine is not None:
-            coef = step.affine[rows] * (scale if position == 0 else 1.0)
-            a, b, c = (coef[:, i, None, None] for i in range(3))
-            flat, out = x.view(n, channels, -1), buffer.view(n, channels, -1)
+    # A contiguous (n, 1, C) batch of weights: bmm is twice as slow with a stride-0 batch.
+    weights = _GRAY_WEIGHTS if channels == 3 else (1.0,)
+    luma = torch.tensor(weights, device=x.device).repeat(n, 1, 1)
+    for step in steps:
+        if step.blend is not None:
+            w, b, c = (step.blend[rows, i, None, None] for i in range(3))
+            if scale != 1.0:
+                # lerp(s * x, t, w) = lerp(x, t', w') with 1 - w' = s * (1 - w) and
+                # w' * t' = s * w * t; w' >= 1 - 1.4 / 255 > 0, as 1 - w = f <= 2.
+                w_raw = 1 - scale * (1 - w)
+                factor = scale * w / w_raw
+                w, b, c, scale = w_raw, b * factor, c * factor, 1.0
+            flat = x.view(n, channels, -1)
             # torchvision's saturation blends towards the luma plane, contrast towards its mean.
-            gray = torch.bmm(luma, flat)
-            shift = gray.mean(dim=2, keepdim=True).mul_(c)
-            torch.addcmul(gray.mul_(b).add_(shift), flat, a, out=out)
-            x, buffer = buffer.clamp_(0.0, 1.0), x
+            target = torch.bmm(luma, flat)
+            shift = target.mean(dim=2, keepdim=True).mul_(c)
+            flat.lerp_(target.mul_(b).add_(shift), w).clamp_(0.0, 1.0)
         if step.hue is not None:
             x = _on_subset(x, step.hue[rows], _shift_hue, step.hue_shift[rows])
     return x
@@ -549,17 +620,31 @@ def _blur(x: Tensor, sigma: Tensor, kernel_size: int) -> Tensor:
 
     torchvision convolves with the outer product of a 1-D kernel over a reflect-padded image;
     the two 1-D depthwise passes here compute the same thing, one kernel per sample and channel.
-    The radius is capped at 4 sigma (see ``_BLUR_TRUNCATE_SIGMAS``) and at the image size.
+    Each sample's kernel is truncated at its own radius, 4 sigma (see
+    ``_BLUR_TRUNCATE_SIGMAS``) capped at the kernel size and the image size, so a sample's
+    result does not depend on the others. Samples of equal radius are convolved together, so
+    small sigmas cost few taps.
     """
-    n, channels, height, width = x.shape
-    radius = min(
-        kernel_size // 2,
-        math.ceil(_BLUR_TRUNCATE_SIGMAS * float(sigma.max())),
-        height - 1,
-        width - 1,
-    )
-    if radius < 1:
+    height, width = x.shape[2:]
+    cap = min(kernel_size // 2, height - 1, width - 1)
+    if cap < 1:
         return x
+    radii = torch.ceil(_BLUR_TRUNCATE_SIGMAS * sigma).clamp_(1, cap).to(torch.int64)
+    groups = radii.unique().tolist()
+    if len(groups) == 1:
+        return _blur_radius(x, sigma, groups[0])
+    # A fresh output keeps the input intact, as for a single group.
+    out = torch.empty_like(x)
+    for radius in groups:
+        index = (radii == radius).nonzero().squeeze(1)
+        blurred = _blur_radius(x.index_select(0, index), sigma.index_select(0, index), radius)
+        out.index_copy_(0, index, blurred)
+    return out
+
+
+def _blur_radius(x: Tensor, sigma: Tensor, radius: int) -> Tensor:
+    """Blur every sample of ``x`` with its own sigma and a kernel of ``2 * radius + 1`` taps."""
+    n, channels, height, width = x.shape
     taps = torch.arange(-radius, radius + 1, device=x.device, dtype=torch.float32)
     kernel = torch.exp(-0.5 * (taps / sigma[:, None]) ** 2)
     kernel = (kernel / kernel.sum(dim=1, keepdim=True)).repeat_interleave(channels, dim=0)

@@ -21,6 +21,8 @@ from torchvision import models
 from torchvision.models import ResNet
 from torchvision.models.resnet import BasicBlock
 
+from barlowtwins.convolution import use_small_output_convolutions
+
 
 def resnet10(*, weights: None = None, **kwargs: Any) -> ResNet:
     """ResNet-10: torchvision's ResNet with one BasicBlock per stage (no weights exist).
@@ -79,6 +81,10 @@ def build_backbone(
     "barlowtwins[timm]"``). timm models keep their own stems and initialisation, so
     ``small_image`` and ``zero_init_residual`` are rejected for them.
 
+    Plain convolutions become :class:`~barlowtwins.convolution.SmallOutputConv2d`, an
+    ``nn.Conv2d`` with the same parameters whose CPU weight gradient is faster on 1x1 and 2x2
+    outputs (the last stages of a ResNet on small images).
+
     Args:
         name: Backbone name.
         in_channels: Number of input image channels (1 for grey-scale, 3 for RGB).
@@ -101,8 +107,11 @@ def build_backbone(
         model = _TORCHVISION_RESNETS[name](weights=None, zero_init_residual=zero_init_residual)
         feature_dim = model.fc.in_features
         model.fc = nn.Identity()
-        return adapt_stem(model, in_channels, small_image), feature_dim
-    return _build_timm(name, in_channels, small_image, zero_init_residual)
+        model = adapt_stem(model, in_channels, small_image)
+    else:
+        model, feature_dim = _build_timm(name, in_channels, small_image, zero_init_residual)
+    use_small_output_convolutions(model)
+    return model, feature_dim
 
 
 def adapt_stem(model: ResNet, in_channels: int, small_image: bool) -> ResNet:

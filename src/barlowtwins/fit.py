@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import logging
 import os
@@ -25,8 +26,8 @@ from barlowtwins.config import (
     FASHION_MNIST,
     ConfigError,
     FitConfig,
-    default_crop_scale,
     is_fashion_mnist,
+    resolve_defaults,
 )
 from barlowtwins.data import ImageDataset, InMemoryImages, load_data
 from barlowtwins.datamodule import BarlowTwinsDataModule
@@ -59,6 +60,8 @@ def fit(config: FitConfig) -> dict[str, Any]:
     A rerun with the same ``output`` resumes from ``output/checkpoints/last.ckpt``.
     """
     started = time.perf_counter()
+    config = dataclasses.replace(config)
+    resolve_defaults(config)
     L.seed_everything(config.seed, workers=True, verbose=False)
     output = Path(config.output)
     output.mkdir(parents=True, exist_ok=True)
@@ -84,7 +87,7 @@ def fit(config: FitConfig) -> dict[str, Any]:
         weight_decay=config.weight_decay,
         warmup_epochs=config.warmup_epochs,
         batch_size=config.batch_size,
-        crop_scale=tuple(config.crop_scale or default_crop_scale(config.data)),
+        crop_scale=tuple(config.crop_scale),
         knn_k=config.knn_k,
     )
     datamodule = BarlowTwinsDataModule(
