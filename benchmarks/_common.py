@@ -28,6 +28,8 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+# lightly's Barlow Twins example trains with plain SGD at this learning rate, no schedule.
+LIGHTLY_LR = 0.06
 # Precision names of Lightning (and barlowtwins.fit.default_precision) -> autocast dtype.
 _AUTOCAST_DTYPES = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16, "32-true": None}
 

@@ -43,9 +43,8 @@ from barlowtwins.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 # The target: at least 2 points of test kNN accuracy above lightly.
 _TARGET_POINTS = 2.0
-# lightly's example: batch 256, SGD at this learning rate, no schedule.
+# lightly's example: batch 256, SGD at _common.LIGHTLY_LR, no schedule.
 _LIGHTLY_BATCH = 256
-_LIGHTLY_LR = 0.06
 _KNN_K = 200
 
 
@@ -118,7 +117,7 @@ def _train_lightly(images: torch.Tensor, seconds: float, workers: int) -> nn.Mod
         persistent_workers=workers > 0,
     )
     criterion = BarlowTwinsLoss()
-    optimizer = torch.optim.SGD(model.parameters(), lr=_LIGHTLY_LR)
+    optimizer = torch.optim.SGD(model.parameters(), lr=_common.LIGHTLY_LR)
     model.train()
     steps, started = 0, time.perf_counter()
     while time.perf_counter() - started < seconds:

@@ -59,8 +59,6 @@ _FIT_NETWORK = ("resnet10", False, 28, 512, (1024, 1024, 1024))
 # The targets: 2.5x on the default path, at least even at equal precision.
 _DEFAULT_TARGET = 2.5
 _EQUAL_TARGET = 1.0
-# lightly's Barlow Twins example trains with plain SGD at this learning rate.
-_LIGHTLY_LR = 0.06
 
 
 def _parse_args() -> argparse.Namespace:
@@ -248,7 +246,7 @@ def _lightly(args: argparse.Namespace, images: Tensor, device: torch.device) -> 
     return _Side(
         model=model,
         loss_fn=LightlyBarlowTwinsLoss(),
-        optimizer=torch.optim.SGD(model.parameters(), lr=_LIGHTLY_LR),
+        optimizer=torch.optim.SGD(model.parameters(), lr=_common.LIGHTLY_LR),
         next_views=next_views,
         memory_format=torch.contiguous_format,
         autocast_dtype=None,

@@ -37,6 +37,13 @@ def _opt(default: Any, help: str) -> Any:
     return field(default=default, metadata={"help": help})
 
 
+def _learning_rate_defaults(column: int) -> str:
+    """``"3 for lars, 0.06 for sgd, ..."``: one column of DEFAULT_LEARNING_RATES, for --help."""
+    return ", ".join(
+        f"{rates[column]:g} for {name}" for name, rates in DEFAULT_LEARNING_RATES.items()
+    )
+
+
 @dataclass
 class FitConfig:
     """Options of ``barlowtwins fit``. The defaults are the tuned CPU recipe of the README."""
@@ -64,11 +71,11 @@ class FitConfig:
     optimizer: str = _opt("lars", f"one of {', '.join(OPTIMIZERS)}")
     lr_weights: float | None = _opt(
         None,
-        "base LR of weights (x global batch / 256 for lars/sgd; default: 3 for lars, "
-        "0.06 for sgd, 0.002 for adamw)",
+        "base LR of weights (x global batch / 256 for lars/sgd; default: "
+        f"{_learning_rate_defaults(0)})",
     )
     lr_biases: float | None = _opt(
-        None, "base LR of biases and norms (default: 0.0144 for lars, 0.06 sgd, 0.0048 adamw)"
+        None, f"base LR of biases and norms (default: {_learning_rate_defaults(1)})"
     )
     weight_decay: float = _opt(1.5e-6, "weight decay of weights")
     warmup_epochs: float = _opt(0.2, "linear warm-up before the cosine decay")
@@ -208,12 +215,7 @@ def validate(config: FitConfig) -> None:
             config.optimizer in OPTIMIZERS,
             f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {config.optimizer!r}",
         ),
-        (
-            config.lr_weights is None
-            or config.lr_biases is None
-            or (config.lr_weights > 0 and config.lr_biases > 0),
-            "learning rates must be > 0",
-        ),
+        (config.lr_weights > 0 and config.lr_biases > 0, "learning rates must be > 0"),
         (config.weight_decay >= 0, "weight decay must be >= 0"),
         (config.warmup_epochs >= 0, "warmup epochs must be >= 0"),
         (config.lambda_param >= 0, "lambda must be >= 0"),
