@@ -318,12 +318,17 @@ def test_preemption_signal_saves_the_current_step_and_rerun_finishes(
         r"stopped by SIGTERM/SIGUSR1 at step (\d+)", log.read_text(errors="replace")
     )
     assert stopped is not None, _tail(log)
+    # The preemption checkpoint asks Lightning for the full state explicitly (no notice).
+    assert "weights_only" not in log.read_text(errors="replace")
     saved = safe_load(last)
     assert saved["global_step"] == int(stopped.group(1)) >= step_before
     assert _all_finite(saved["state_dict"])
 
     rerun = _run_to_end(output, 2)
     assert "resuming from" in rerun.stderr
+    # Lightning's lines are printed once, without its advertising tips.
+    assert rerun.stderr.count("GPU available") == 1, rerun.stderr[-3000:]
+    assert "Tip:" not in rerun.stderr
     assert (output / "results.json").is_file()
     assert [epoch for epoch, _ in _epoch_losses(output)] == [0, 1]
     assert safe_load(last)["global_step"] == 2 * _STEPS_PER_EPOCH

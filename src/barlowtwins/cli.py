@@ -22,11 +22,31 @@ from barlowtwins.loss import NonFiniteLossError
 _log = logging.getLogger("barlowtwins")
 
 
+class _DropLightningTips(logging.Filter):
+    """Drops Lightning's advertising tips (e.g. for its cloud logger) from the console."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Tip:" not in record.getMessage()
+
+
+def _configure_logging() -> None:
+    """Print our messages plainly and Lightning's once.
+
+    The ``lightning`` package logger has a console handler of its own; letting its records
+    propagate to the root handler as well printed every Lightning line twice.
+    """
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("lightning").propagate = False
+    rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if not any(isinstance(f, _DropLightningTips) for f in rank_zero.filters):
+        rank_zero.addFilter(_DropLightningTips())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``barlowtwins`` console script; returns the exit status."""
     parser = _build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    _configure_logging()
     try:
         return args.run(args)
     except (

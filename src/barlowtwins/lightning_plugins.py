@@ -69,7 +69,8 @@ class PreemptionCheckpoint(Callback):
         self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
     ) -> None:
         if isinstance(exception, SIGTERMException | KeyboardInterrupt):
-            trainer.save_checkpoint(self.path)
+            # The full training state (optimiser, loops, callbacks), so a rerun resumes here.
+            trainer.save_checkpoint(self.path, weights_only=False)
 
 
 class RngStateCheckpoint(Callback):
