@@ -53,8 +53,9 @@ def _parse_args() -> argparse.Namespace:
     parser.add_argument("--side", choices=_SIDES, help=argparse.SUPPRESS)
     _common.add_common_arguments(parser, repeats=2)
     args = parser.parse_args()
-    # Options throughput.py's builders read, fixed to its defaults.
-    args.projector = [2048, 2048, 2048]
+    # Options throughput.py's builders read: its default (the issue's) network.
+    args.backbone, args.small_image, args.image_size, _, projector = throughput._ISSUE_NETWORK
+    args.projector = list(projector)
     args.no_channels_last = False
     return args
 
@@ -66,7 +67,7 @@ def _train_one_side(args: argparse.Namespace) -> None:
     images = torch.randint(
         0,
         256,
-        (args.num_images, 3, throughput._IMAGE_SIZE, throughput._IMAGE_SIZE),
+        (args.num_images, 3, args.image_size, args.image_size),
         dtype=torch.uint8,
         generator=torch.Generator().manual_seed(args.seed),
     )

@@ -1,0 +1,49 @@
+"""Each benchmark runs end to end against lightly at toy sizes.
+
+The figures at these sizes mean nothing and are not checked; the tests keep the scripts
+runnable (one of them once broke silently when a helper it imports changed) and their
+summary lines in the documented form.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+# "<metric>: barlowtwins <ours> <unit> vs lightly <theirs> <unit> -> <ratio>x better (target <t>x)"
+_SUMMARY = re.compile(
+    r"^.+: barlowtwins [\d.]+ \S+ vs lightly [\d.]+ \S+ -> [\d.]+x better \(target [\d.]+x\)$",
+    re.MULTILINE,
+)
+_TINY_TRAINING = ["--batch", "4", "--num-images", "8", "--steps", "1", "--warmup", "0"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("script", "options", "summaries"),
+    [
+        ("loss.py", ["--dims", "64", "--batch", "16", "--min-seconds", "0.01"], 2),
+        ("augment.py", ["--sizes", "32", "--batch", "8", "--min-seconds", "0.01"], 1),
+        ("throughput.py", _TINY_TRAINING, 2),
+        ("throughput.py", [*_TINY_TRAINING, "--fit-network"], 2),
+        ("memory.py", _TINY_TRAINING, 1),
+    ],
+)
+def test_benchmark_prints_its_comparisons(script: str, options: list[str], summaries: int) -> None:
+    result = subprocess.run(
+        [sys.executable, f"benchmarks/{script}", *options, "--repeats", "1", "--threads", "1"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    assert len(_SUMMARY.findall(result.stdout)) == summaries, result.stdout[-2000:]
