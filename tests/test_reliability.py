@@ -329,6 +329,7 @@ def test_preemption_signal_saves_the_current_step_and_rerun_finishes(
     # Lightning's lines are printed once, without its advertising tips.
     assert rerun.stderr.count("GPU available") == 1, rerun.stderr[-3000:]
     assert "Tip:" not in rerun.stderr
+    assert "LeafSpec" not in rerun.stderr
     assert (output / "results.json").is_file()
     assert [epoch for epoch, _ in _epoch_losses(output)] == [0, 1]
     assert safe_load(last)["global_step"] == 2 * _STEPS_PER_EPOCH

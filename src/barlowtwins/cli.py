@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -30,13 +31,15 @@ class _DropLightningTips(logging.Filter):
 
 
 def _configure_logging() -> None:
-    """Print our messages plainly and Lightning's once.
+    """Print our messages plainly and Lightning's once, without its tips and internal notices.
 
     The ``lightning`` package logger has a console handler of its own; letting its records
     propagate to the root handler as well printed every Lightning line twice.
     """
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("lightning").propagate = False
+    # torch deprecates a pytree class that Lightning still uses: nothing a user can act on.
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
     rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
     if not any(isinstance(f, _DropLightningTips) for f in rank_zero.filters):
         rank_zero.addFilter(_DropLightningTips())
