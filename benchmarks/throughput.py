@@ -52,6 +52,7 @@ from barlowtwins import (
     build_backbone,
     build_optimizer,
 )
+from barlowtwins.backbones import resnet10
 
 # (backbone, small-image stem, image size, batch, projector) of the two networks.
 _ISSUE_NETWORK = ("resnet18", True, 32, 128, (2048, 2048, 2048))
@@ -214,8 +215,8 @@ def _lightly(args: argparse.Namespace, images: Tensor, device: torch.device) -> 
     from lightly.loss import BarlowTwinsLoss as LightlyBarlowTwinsLoss
     from lightly.models.modules import BarlowTwinsProjectionHead
 
-    blocks = {"resnet10": [1, 1, 1, 1], "resnet18": [2, 2, 2, 2]}[args.backbone]
-    resnet = torchvision.models.resnet.ResNet(torchvision.models.resnet.BasicBlock, blocks)
+    # Plain torchvision ResNets: build_backbone would give barlowtwins' faster convolutions.
+    resnet = {"resnet10": resnet10, "resnet18": torchvision.models.resnet18}[args.backbone]()
     if args.small_image:
         # The same small-image stem as barlowtwins' small_image=True.
         resnet.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
