@@ -43,6 +43,11 @@ class LARS(torch.optim.Optimizer):
         mu = momentum * mu + g
         p = p - lr * mu
 
+    With ``clip_lr=True`` the trust ratio is clipped so that its effective learning rate
+    ``lr * ratio`` never exceeds ``lr``: the ratio becomes ``min(ratio / lr, 1)`` (LARC's
+    clipping, You et al. 2017 / NVIDIA apex; solo-learn's Barlow Twins recipes use it with
+    ``eta=0.02``).
+
     Groups with ``lars_exclude=True`` (the paper excludes biases and normalisation parameters)
     get neither weight decay nor the trust ratio: plain momentum SGD. The step uses
     multi-tensor ``torch._foreach_*`` kernels per (device, dtype) bucket and does not
@@ -54,6 +59,7 @@ class LARS(torch.optim.Optimizer):
         weight_decay: L2 penalty added to the gradient before the trust ratio.
         momentum: Momentum factor.
         eta: LARS trust coefficient.
+        clip_lr: Clip the trust ratio at ``1 / lr`` (see above).
         lars_exclude: Skip weight decay and the trust ratio for this group.
 
     Examples:
@@ -68,6 +74,7 @@ class LARS(torch.optim.Optimizer):
         weight_decay: float = 0.0,
         momentum: float = 0.9,
         eta: float = 0.001,
+        clip_lr: bool = False,
         lars_exclude: bool = False,
     ) -> None:
         if lr < 0:
@@ -83,6 +90,7 @@ class LARS(torch.optim.Optimizer):
             "weight_decay": weight_decay,
             "momentum": momentum,
             "eta": eta,
+            "clip_lr": clip_lr,
             "lars_exclude": lars_exclude,
         }
         super().__init__(params, defaults)
@@ -112,6 +120,7 @@ class LARS(torch.optim.Optimizer):
                     weight_decay=group["weight_decay"],
                     momentum=group["momentum"],
                     eta=group["eta"],
+                    clip_lr=group.get("clip_lr", False),
                     exclude=group["lars_exclude"],
                 )
         return loss
@@ -154,6 +163,7 @@ def _lars_update(
     weight_decay: float,
     momentum: float,
     eta: float,
+    clip_lr: bool,
     exclude: bool,
 ) -> None:
     """Apply one LARS step to a bucket with multi-tensor kernels."""
@@ -162,16 +172,17 @@ def _lars_update(
         # Out-of-place ops leave ``p.grad`` untouched, so callers may still read it.
         if weight_decay != 0:
             grads = torch._foreach_add(grads, bucket.params, alpha=weight_decay)
-        grads = torch._foreach_mul(grads, _trust_ratios(bucket.params, grads, eta))
+        ratios = _trust_ratios(bucket.params, grads, eta)
+        if clip_lr and lr > 0:
+            ratios = ratios.div(lr).clamp_(max=1.0)
+        grads = torch._foreach_mul(grads, ratios.unbind())
     torch._foreach_mul_(bucket.buffers, momentum)
     torch._foreach_add_(bucket.buffers, grads)
     torch._foreach_add_(bucket.params, bucket.buffers, alpha=-lr)
 
 
-def _trust_ratios(
-    params: Sequence[Tensor], grads: Sequence[Tensor], eta: float
-) -> tuple[Tensor, ...]:
-    """Per-parameter ``eta * ||p|| / ||g||`` as 0-dim tensors, 1 where either norm is 0.
+def _trust_ratios(params: Sequence[Tensor], grads: Sequence[Tensor], eta: float) -> Tensor:
+    """Per-parameter ``eta * ||p|| / ||g||`` in one tensor, 1 where either norm is 0.
 
     The ratios stay on the device (no ``.item()``), so the step never waits for the GPU.
     """
@@ -183,7 +194,7 @@ def _trust_ratios(
         eta * param_norms / grad_norms,
         torch.ones_like(param_norms),
     )
-    return ratios.unbind()
+    return ratios
 
 
 def split_parameters(module: nn.Module) -> tuple[list[Parameter], list[Parameter]]:
@@ -236,6 +247,8 @@ def build_optimizer(
     lr_biases: float = 0.0048,
     weight_decay: float = 1.5e-6,
     momentum: float = 0.9,
+    lars_eta: float = 0.001,
+    lars_clip_lr: bool = False,
 ) -> torch.optim.Optimizer:
     """Build the paper's optimiser with two parameter groups.
 
@@ -259,6 +272,8 @@ def build_optimizer(
         lr_biases: Base learning rate of biases and normalisation parameters.
         weight_decay: Weight decay of the weights.
         momentum: Momentum (Adam's ``beta1`` for "adamw").
+        lars_eta: LARS trust coefficient (the paper's 0.001; solo-learn's 0.02).
+        lars_clip_lr: Clip LARS's trust ratio at ``1 / lr`` (solo-learn's ``clip_lr``).
 
     Returns:
         The optimiser.
@@ -301,7 +316,14 @@ def build_optimizer(
         raise ValueError("module has no parameters to optimise")
 
     if name == "lars":
-        return LARS(groups, lr=lrs[0], weight_decay=weight_decay, momentum=momentum)
+        return LARS(
+            groups,
+            lr=lrs[0],
+            weight_decay=weight_decay,
+            momentum=momentum,
+            eta=lars_eta,
+            clip_lr=lars_clip_lr,
+        )
     if name == "sgd":
         return torch.optim.SGD(groups, lr=lrs[0], momentum=momentum, foreach=True)
     # Fused AdamW is a single kernel per step, but only where every parameter is on CUDA.

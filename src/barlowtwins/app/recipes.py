@@ -1,0 +1,300 @@
+"""Published Barlow Twins recipes as named presets: the one place where defaults live.
+
+A :class:`Recipe` is a complete set of training hyperparameters (model, projector, loss,
+optimiser, schedule, batch, epochs, views, precision) with its source and the result the
+source published. ``barlowtwins fit`` starts from a recipe and applies the user's overrides;
+``barlowtwins recipes`` lists them. The library's classes keep their own (paper) defaults.
+
+Values a recipe leaves as ``"auto"`` are chosen from the data by the recipe's ``adapt``
+function (see :func:`folder_values`) or, for the precision, from the hardware.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+from barlowtwins.data.spec import DataSummary
+
+AUTO = "auto"
+
+# Every hyperparameter a recipe sets; `fit` options outside this list describe the run
+# (data, output, devices, seed, ...) rather than the method.
+HYPERPARAMETERS: tuple[str, ...] = (
+    "backbone",
+    "small_image",
+    "zero_init_residual",
+    "projector_dims",
+    "lambda_param",
+    "scale_loss",
+    "optimizer",
+    "lr_weights",
+    "lr_biases",
+    "weight_decay",
+    "momentum",
+    "lars_eta",
+    "lars_clip_lr",
+    "warmup_epochs",
+    "final_lr_factor",
+    "epochs",
+    "batch_size",
+    "image_size",
+    "crop_scale",
+    "precision",
+)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A named, cited set of hyperparameters.
+
+    Attributes:
+        name: What ``--recipe`` takes.
+        purpose: What data and hardware it is for.
+        source: Where every value comes from (paper section or file).
+        published: The result its source reports.
+        measured: What we measured with it here, or why it was not reproduced here.
+        values: One value for each name in :data:`HYPERPARAMETERS` (``"auto"`` where
+            ``adapt`` or the hardware decides).
+        data: The built-in dataset it trains on when no ``--data`` is given (None: the
+            user must point ``--data`` at their copy).
+        adapt: Fills in the ``"auto"`` values from a summary of the training data.
+    """
+
+    name: str
+    purpose: str
+    source: str
+    published: str
+    measured: str
+    values: Mapping[str, Any]
+    data: str | None = None
+    adapt: Callable[[DataSummary], dict[str, Any]] | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        missing = sorted(set(HYPERPARAMETERS) - set(self.values))
+        extra = sorted(set(self.values) - set(HYPERPARAMETERS))
+        if missing or extra:
+            raise ValueError(f"recipe {self.name}: missing {missing}, unknown {extra}")
+        object.__setattr__(self, "values", MappingProxyType(dict(self.values)))
+
+    def resolved(self, summary: DataSummary | None) -> dict[str, Any]:
+        """The values with ``"auto"`` filled in from the data where the recipe adapts to it."""
+        values = dict(self.values)
+        if self.adapt is not None and summary is not None:
+            values.update(
+                {k: v for k, v in self.adapt(summary).items() if values.get(k) == AUTO}
+            )
+        return values
+
+
+# Folder views by the images' median shorter side: (largest side, view size). Larger images
+# get 224 px views, the paper's.
+_VIEW_SIZES = ((40, 32), (80, 64), (160, 128))
+# About 2 M samples seen (7800 steps of 256), bounded; short enough for a CPU on small folders,
+# and the warm-up below is a tenth of it.
+_FOLDER_SAMPLES = 2_000_000
+_FOLDER_EPOCHS = (20, 1000)
+_FOLDER_BATCH = 256
+
+
+def folder_values(summary: DataSummary) -> dict[str, Any]:
+    """The ``folder`` recipe's data-dependent values.
+
+    * view size: 32 px for images of at most 40 px (median shorter side), 64 up to 80 px,
+      128 up to 160 px, else 224 px (the paper's); never larger than that median side, so
+      views are not upsampled;
+    * the CIFAR-style stem (3x3, no max-pool) for views of at most 32 px, as solo-learn does
+      on CIFAR;
+    * batch 256 (solo-learn's), smaller for folders of fewer than 1024 images (at most a
+      quarter of them, a power of two, at least 8);
+    * epochs for about 2 M samples seen, between 20 and 1000, with a tenth of them warm-up.
+
+    Args:
+        summary: Image count and median shorter side of the training folder.
+
+    Returns:
+        Values for ``image_size``, ``small_image``, ``batch_size``, ``epochs`` and
+        ``warmup_epochs``.
+    """
+    size = next((size for side, size in _VIEW_SIZES if summary.median_side <= side), 224)
+    image_size = min(size, summary.median_side)
+    batch = _FOLDER_BATCH
+    while batch > 8 and batch * 4 > summary.count:
+        batch //= 2
+    low, high = _FOLDER_EPOCHS
+    epochs = min(high, max(low, round(_FOLDER_SAMPLES / max(1, summary.count))))
+    return {
+        "image_size": image_size,
+        "small_image": image_size <= 32,
+        "batch_size": batch,
+        "epochs": epochs,
+        "warmup_epochs": max(1, epochs // 10),
+    }
+
+
+_NOT_REPRODUCED = "published, not reproduced here (no GPU and no such dataset offline)"
+
+_SOLO_LEARN = {
+    "backbone": "resnet18",
+    "zero_init_residual": False,
+    "projector_dims": (2048, 2048, 2048),
+    "lambda_param": 0.0051,
+    "scale_loss": 0.1,
+    "optimizer": "lars",
+    "lr_weights": 0.3,
+    "lr_biases": 0.3,
+    "weight_decay": 1e-4,
+    "momentum": 0.9,
+    "lars_eta": 0.02,
+    "lars_clip_lr": True,
+    "warmup_epochs": 10,
+    "final_lr_factor": 0.0,
+    "crop_scale": (0.08, 1.0),
+    "precision": AUTO,
+}
+
+RECIPES: dict[str, Recipe] = {
+    recipe.name: recipe
+    for recipe in (
+        Recipe(
+            name="fashion-mnist-cpu",
+            purpose="the offline default: Fashion-MNIST at 28 px on a 2-core CPU in ~15 min",
+            source="tuned here (README 'Measured results'; benchmarks/recipe.py sweeps)",
+            published="-",
+            measured=(
+                "test kNN 86.96 % (k=20) / 85.77 % (k=200), linear probe 88.21 %, "
+                "15.1 min on a 2-core AVX2 CPU (float32)"
+            ),
+            data="fashion-mnist",
+            values={
+                "backbone": "resnet10",
+                "small_image": False,
+                "zero_init_residual": False,
+                "projector_dims": (1024, 1024, 1024),
+                "lambda_param": 5e-3,
+                "scale_loss": 1.0,
+                "optimizer": "lars",
+                "lr_weights": 3.0,
+                "lr_biases": 0.0144,
+                "weight_decay": 1.5e-6,
+                "momentum": 0.9,
+                "lars_eta": 0.001,
+                "lars_clip_lr": False,
+                "warmup_epochs": 0.2,
+                "final_lr_factor": 0.001,
+                "epochs": 5,
+                "batch_size": 512,
+                "image_size": 28,
+                # Fashion-MNIST's objects are centred and fill the frame: in short runs
+                # random crops only slowed learning down (README, session 2's table).
+                "crop_scale": (1.0, 1.0),
+                "precision": AUTO,
+            },
+        ),
+        Recipe(
+            name="folder",
+            purpose="your own image folder: view size, batch and epochs chosen from the data",
+            source=(
+                "solo-learn's CIFAR/ImageNet-100 recipe (scripts/pretrain/cifar/barlow.yaml); "
+                "view size, batch and epochs from the folder (barlowtwins.app.recipes."
+                "folder_values)"
+            ),
+            published="-",
+            measured="not measured: depends on the folder",
+            values={
+                **_SOLO_LEARN,
+                "small_image": AUTO,
+                "epochs": AUTO,
+                "batch_size": AUTO,
+                "image_size": AUTO,
+                "warmup_epochs": AUTO,
+            },
+            adapt=folder_values,
+        ),
+        Recipe(
+            name="paper",
+            purpose="ImageNet, ResNet-50, global batch 2048 on 32 GPUs (the paper's run)",
+            source=(
+                "Zbontar et al. 2021 (arXiv 2103.03230) §4 and appendix A; "
+                "facebookresearch/barlowtwins main.py"
+            ),
+            published="73.2 % ImageNet linear top-1",
+            measured=_NOT_REPRODUCED,
+            values={
+                "backbone": "resnet50",
+                "small_image": False,
+                "zero_init_residual": True,
+                "projector_dims": (8192, 8192, 8192),
+                "lambda_param": 0.0051,
+                "scale_loss": 1.0,
+                "optimizer": "lars",
+                "lr_weights": 0.2,
+                "lr_biases": 0.0048,
+                # The paper's text (§4); its released main.py defaults to 1e-6.
+                "weight_decay": 1.5e-6,
+                "momentum": 0.9,
+                "lars_eta": 0.001,
+                "lars_clip_lr": False,
+                "warmup_epochs": 10,
+                "final_lr_factor": 0.001,
+                "epochs": 1000,
+                # Global batch: with --devices N give --batch-size 2048/N per process.
+                "batch_size": 2048,
+                "image_size": 224,
+                "crop_scale": (0.08, 1.0),
+                "precision": AUTO,
+            },
+        ),
+        Recipe(
+            name="cifar10",
+            purpose="CIFAR-10 (32 px) on one GPU; point --data at a folder of its images",
+            source="solo-learn scripts/pretrain/cifar/barlow.yaml (+ augmentations/asymmetric)",
+            published="92.1 % CIFAR-10 linear top-1 (solo-learn model zoo)",
+            measured=_NOT_REPRODUCED,
+            values={
+                **_SOLO_LEARN,
+                "small_image": True,
+                "epochs": 1000,
+                "batch_size": 256,
+                "image_size": 32,
+            },
+        ),
+        Recipe(
+            name="imagenet100",
+            purpose="ImageNet-100 (224 px) on 2 GPUs; point --data at its train folder",
+            source=(
+                "solo-learn scripts/pretrain/imagenet-100/barlow.yaml "
+                "(+ augmentations/asymmetric)"
+            ),
+            published="80.4 % ImageNet-100 linear top-1 (solo-learn model zoo)",
+            measured=_NOT_REPRODUCED,
+            values={
+                **_SOLO_LEARN,
+                "small_image": False,
+                "epochs": 400,
+                # solo-learn: 128 on each of 2 GPUs; one process here takes the global 256.
+                "batch_size": 256,
+                "image_size": 224,
+            },
+        ),
+    )
+}
+
+DEFAULT_RECIPE = "fashion-mnist-cpu"
+FOLDER_RECIPE = "folder"
+
+
+def get_recipe(name: str) -> Recipe:
+    """The recipe called ``name``.
+
+    Raises:
+        KeyError: With the list of recipes, for an unknown name.
+    """
+    try:
+        return RECIPES[name]
+    except KeyError:
+        raise KeyError(
+            f"unknown recipe {name!r}; choose one of: {', '.join(RECIPES)}"
+        ) from None
