@@ -30,7 +30,7 @@ from torch import Tensor
 
 # lightly's Barlow Twins example trains with plain SGD at this learning rate, no schedule.
 LIGHTLY_LR = 0.06
-# Precision names of Lightning (and barlowtwins.fit.default_precision) -> autocast dtype.
+# Precision names of Lightning (and barlowtwins.app.fit.default_precision) -> autocast dtype.
 _AUTOCAST_DTYPES = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16, "32-true": None}
 
 
@@ -124,8 +124,8 @@ def default_precision(device: torch.device) -> str:
     bf16 autocast only where the hardware runs it fast (CUDA, or CPUs with AVX512-BF16/AMX);
     elsewhere, e.g. AVX2 CPUs where bf16 falls back to slow kernels, float32.
     """
-    # Imported here: barlowtwins.fit pulls in Lightning, which only this lookup needs.
-    from barlowtwins.fit import default_precision as _default_precision
+    # Imported here: barlowtwins.app.fit pulls in Lightning, which only this lookup needs.
+    from barlowtwins.app.fit import default_precision as _default_precision
 
     return _default_precision("cuda" if device.type == "cuda" else "cpu")
 
@@ -148,7 +148,7 @@ def lightly_two_view_transform(image_size: int) -> Callable[[Image.Image], list[
 
     Both libraries follow the paper's appendix A (BYOL's augmentations); the one default that
     differs is the blur at 32 px, which barlowtwins drops for tiny images. Copying every
-    parameter from :func:`barlowtwins.transforms.barlow_twins_views` makes both sides do the
+    parameter from :func:`barlowtwins.views.transforms.barlow_twins_views` makes both sides do the
     same work.
     """
     from lightly.transforms import BYOLTransform, BYOLView1Transform, BYOLView2Transform

@@ -39,7 +39,7 @@ from torch.utils.data import DataLoader, Dataset
 from barlowtwins.backbones import resnet10
 from barlowtwins.data import load_fashion_mnist
 from barlowtwins.evaluation import extract_features, knn_accuracy
-from barlowtwins.transforms import IMAGENET_MEAN, IMAGENET_STD
+from barlowtwins.views.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 # The target: at least 2 points of test kNN accuracy above lightly.
 _TARGET_POINTS = 2.0

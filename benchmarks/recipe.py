@@ -27,7 +27,7 @@ import torch
 from barlowtwins import BarlowTwins, BarlowTwinsLoss, BatchedBarlowTwinsAugment, build_optimizer
 from barlowtwins.data import load_fashion_mnist
 from barlowtwins.evaluation import extract_features, knn_accuracy, raw_pixel_features
-from barlowtwins.transforms import barlow_twins_views, resolve_normalization
+from barlowtwins.views.transforms import barlow_twins_views, resolve_normalization
 
 _KS = (5, 20, 200)
 

@@ -11,7 +11,7 @@ images per second (each image gives two views), median of interleaved repeats af
 
 * barlowtwins, default path: a DataLoader of uint8 tensors, ``BatchedBarlowTwinsAugment`` on
   the batch on the training device, ``build_backbone("resnet18", small_image=True)`` (whose
-  convolutions are :class:`barlowtwins.convolution.SmallOutputConv2d`) and
+  convolutions are :class:`barlowtwins.nn.convolution.SmallOutputConv2d`) and
   ``BarlowTwins`` in channels-last (the training module's default), ``BarlowTwinsLoss``, LARS
   from ``build_optimizer(name="lars")``, at barlowtwins' default precision for the device
   (bf16 autocast on CUDA and CPUs with fast bf16, float32 elsewhere).

@@ -10,9 +10,9 @@ import torch.nn.functional as F
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from barlowtwins import augment
-from barlowtwins.augment import BatchedBarlowTwinsAugment
-from barlowtwins.transforms import IMAGENET_MEAN, IMAGENET_STD, ViewConfig
+from barlowtwins.views import batched as augment
+from barlowtwins.views.batched import BatchedBarlowTwinsAugment
+from barlowtwins.views.transforms import IMAGENET_MEAN, IMAGENET_STD, ViewConfig
 
 IDENTITY = ViewConfig(
     crop_scale=(1.0, 1.0),

@@ -14,8 +14,8 @@ import yaml
 from PIL import Image
 from torchvision.models.resnet import BasicBlock, ResNet
 
+from barlowtwins.app.cli import main
 from barlowtwins.backbones import adapt_stem
-from barlowtwins.cli import main
 
 # A run small enough for CI: 256 training images, 1000 labelled test images.
 TINY = [

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from barlowtwins.backbones import build_backbone
-from barlowtwins.convolution import SmallOutputConv2d, use_small_output_convolutions
+from barlowtwins.nn.convolution import SmallOutputConv2d, use_small_output_convolutions
 
 
 def _gradients(conv: nn.Conv2d, x: torch.Tensor) -> list[torch.Tensor]:

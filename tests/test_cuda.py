@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from barlowtwins import BarlowTwinsLoss, BatchedBarlowTwinsAugment
-from barlowtwins.distributed import sync_batchnorm
 from barlowtwins.model import BarlowTwins
+from barlowtwins.nn.distributed import sync_batchnorm
 
 pytestmark = [
     pytest.mark.cuda,

@@ -9,12 +9,12 @@ from torch.nn.parallel import DistributedDataParallel
 
 from _distributed import run_distributed
 from barlowtwins import BarlowTwinsLoss
-from barlowtwins.distributed import (
+from barlowtwins.model import BarlowTwins
+from barlowtwins.nn.distributed import (
     GlobalBatchNorm,
     convert_to_global_batchnorm,
     revert_global_batchnorm,
 )
-from barlowtwins.model import BarlowTwins
 
 _PER_RANK = 4
 

@@ -8,12 +8,12 @@ import lightning as L
 import torch
 from torch import nn
 
-from barlowtwins.checkpoint import safe_load
 from barlowtwins.data import load_fashion_mnist
-from barlowtwins.datamodule import BarlowTwinsDataModule
-from barlowtwins.distributed import GlobalBatchNorm
-from barlowtwins.lightning_plugins import AtomicCheckpointIO, GlobalBatchNormSync
-from barlowtwins.module import BarlowTwinsModule
+from barlowtwins.nn.distributed import GlobalBatchNorm
+from barlowtwins.training.callbacks import AtomicCheckpointIO, GlobalBatchNormSync
+from barlowtwins.training.checkpoint import safe_load
+from barlowtwins.training.datamodule import BarlowTwinsDataModule
+from barlowtwins.training.module import BarlowTwinsModule
 
 
 def _module() -> BarlowTwinsModule:

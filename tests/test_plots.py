@@ -1,4 +1,4 @@
-"""Tests for barlowtwins.plots: each figure is a valid PNG built from small real inputs."""
+"""Tests for barlowtwins.evaluation.plots: each figure is a valid PNG built from small real inputs."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from barlowtwins.plots import (
+from barlowtwins.evaluation.plots import (
     _correlation_summary,
     plot_cross_correlation,
     plot_embedding_2d,

@@ -22,9 +22,9 @@ from typing import Any
 import pytest
 import torch
 
-from barlowtwins.checkpoint import CheckpointError, atomic_write, safe_load
-from barlowtwins.cli import main
-from barlowtwins.lightning_plugins import AtomicCheckpointIO
+from barlowtwins.app.cli import main
+from barlowtwins.training.callbacks import AtomicCheckpointIO
+from barlowtwins.training.checkpoint import CheckpointError, atomic_write, safe_load
 
 # Smaller than test_cli's run (4 steps of 16 images per epoch) so that the subprocess tests,
 # which each pay for a fresh interpreter and several epochs, fit on two shared cores.

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
-from barlowtwins.transforms import (
+from barlowtwins.views.transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     BarlowTwinsTransform,

@@ -21,10 +21,10 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from barlowtwins import BarlowTwinsLoss, BarlowTwinsProjectionHead
-from barlowtwins.augment import BatchedBarlowTwinsAugment
 from barlowtwins.backbones import build_backbone
 from barlowtwins.data import load_data
 from barlowtwins.optim import build_optimizer, build_warmup_cosine_scheduler
+from barlowtwins.views.batched import BatchedBarlowTwinsAugment
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--data", default="fashion-mnist", help="fashion-mnist or an image folder")

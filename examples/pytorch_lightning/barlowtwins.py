@@ -19,8 +19,8 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__)
 import lightning as L
 
 from barlowtwins.data import load_data
-from barlowtwins.datamodule import BarlowTwinsDataModule
-from barlowtwins.module import BarlowTwinsModule
+from barlowtwins.training.datamodule import BarlowTwinsDataModule
+from barlowtwins.training.module import BarlowTwinsModule
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--data", default="fashion-mnist", help="fashion-mnist or an image folder")

@@ -37,9 +37,9 @@ import lightning as L
 import torch
 
 from barlowtwins.data import load_data
-from barlowtwins.datamodule import BarlowTwinsDataModule
-from barlowtwins.lightning_plugins import GlobalBatchNormSync
-from barlowtwins.module import BarlowTwinsModule
+from barlowtwins.training.callbacks import GlobalBatchNormSync
+from barlowtwins.training.datamodule import BarlowTwinsDataModule
+from barlowtwins.training.module import BarlowTwinsModule
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--data", default="fashion-mnist", help="fashion-mnist or an image folder")

@@ -7,13 +7,13 @@ Reference:
 
 from typing import Any
 
-from barlowtwins.augment import BatchedBarlowTwinsAugment
 from barlowtwins.backbones import build_backbone
 from barlowtwins.heads import BarlowTwinsProjectionHead
 from barlowtwins.loss import BarlowTwinsLoss
 from barlowtwins.model import BarlowTwins
 from barlowtwins.optim import LARS, build_optimizer, build_warmup_cosine_scheduler
-from barlowtwins.transforms import BarlowTwinsTransform, ViewConfig, barlow_twins_views
+from barlowtwins.views.batched import BatchedBarlowTwinsAugment
+from barlowtwins.views.transforms import BarlowTwinsTransform, ViewConfig, barlow_twins_views
 
 __all__ = [
     "LARS",
@@ -35,7 +35,7 @@ __version__ = "0.1.0"
 def __getattr__(name: str) -> Any:
     # The LightningModule imports Lightning: only pay for it when it is asked for.
     if name == "BarlowTwinsModule":
-        from barlowtwins.module import BarlowTwinsModule
+        from barlowtwins.training.module import BarlowTwinsModule
 
         return BarlowTwinsModule
     raise AttributeError(f"module 'barlowtwins' has no attribute {name!r}")

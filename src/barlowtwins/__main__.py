@@ -2,6 +2,6 @@
 
 import sys
 
-from barlowtwins.cli import main
+from barlowtwins.app.cli import main
 
 sys.exit(main())

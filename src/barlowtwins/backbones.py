@@ -21,7 +21,7 @@ from torchvision import models
 from torchvision.models import ResNet
 from torchvision.models.resnet import BasicBlock
 
-from barlowtwins.convolution import use_small_output_convolutions
+from barlowtwins.nn.convolution import use_small_output_convolutions
 
 
 def resnet10(*, weights: None = None, **kwargs: Any) -> ResNet:
@@ -81,7 +81,7 @@ def build_backbone(
     "barlowtwins[timm]"``). timm models keep their own stems and initialisation, so
     ``small_image`` and ``zero_init_residual`` are rejected for them.
 
-    Plain convolutions become :class:`~barlowtwins.convolution.SmallOutputConv2d`, an
+    Plain convolutions become :class:`~barlowtwins.nn.convolution.SmallOutputConv2d`, an
     ``nn.Conv2d`` with the same parameters whose CPU weight gradient is faster on 1x1 and 2x2
     outputs (the last stages of a ResNet on small images).
 

@@ -15,7 +15,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from barlowtwins.distributed import global_count, global_sum, world_size
+from barlowtwins.nn.distributed import global_count, global_sum, world_size
 
 # Same epsilon as torch.nn.BatchNorm1d, which the paper's released code uses to standardise.
 _BATCHNORM_EPS = 1e-5
@@ -41,12 +41,13 @@ class BarlowTwinsLoss(nn.Module):
     after DDP averages parameter gradients they equal those of one process on the concatenated
     global batch — also when the ranks' shards differ in content or size. Only per-feature sums
     and the ``D x D`` matrix ``c`` cross the network, with differentiable collectives (see
-    :mod:`barlowtwins.distributed`).
+    :mod:`barlowtwins.nn.distributed`).
 
     Args:
         lambda_param: Weight of the redundancy-reduction (off-diagonal) term. The paper's text
             gives 5e-3; its released code uses 0.0051.
         gather_distributed: Use global-batch statistics across all processes.
+        scale_loss: Factor of the whole loss (solo-learn's ``scale_loss``; 1 in the paper).
 
     Examples:
         >>> loss_fn = BarlowTwinsLoss()
@@ -54,12 +55,17 @@ class BarlowTwinsLoss(nn.Module):
         >>> loss = loss_fn(z_a, z_b)
     """
 
-    def __init__(self, lambda_param: float = 5e-3, gather_distributed: bool = False) -> None:
+    def __init__(
+        self, lambda_param: float = 5e-3, gather_distributed: bool = False, scale_loss: float = 1.0
+    ) -> None:
         super().__init__()
         if lambda_param < 0:
             raise ValueError(f"lambda_param must be >= 0, got {lambda_param}")
+        if scale_loss <= 0:
+            raise ValueError(f"scale_loss must be > 0, got {scale_loss}")
         self.lambda_param = lambda_param
         self.gather_distributed = gather_distributed
+        self.scale_loss = scale_loss
 
     def forward(self, z_a: Tensor, z_b: Tensor) -> Tensor:
         """Compute the loss of two batches of embeddings of shape (batch, features)."""
@@ -72,7 +78,8 @@ class BarlowTwinsLoss(nn.Module):
             n = global_count(z_a.size(0), z_a.device) if ranks > 1 else z_a.size(0)
             _check_batch(n)
             a, b = _standardize(z_a, n, total), _standardize(z_b, n, total)
-            return _RedundancyReduction.apply(a, b, n, self.lambda_param, ranks)
+            loss = _RedundancyReduction.apply(a, b, n, self.lambda_param, ranks)
+            return loss if self.scale_loss == 1 else loss * self.scale_loss
 
 
 class _RedundancyReduction(torch.autograd.Function):

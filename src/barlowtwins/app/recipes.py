@@ -83,9 +83,7 @@ class Recipe:
         """The values with ``"auto"`` filled in from the data where the recipe adapts to it."""
         values = dict(self.values)
         if self.adapt is not None and summary is not None:
-            values.update(
-                {k: v for k, v in self.adapt(summary).items() if values.get(k) == AUTO}
-            )
+            values.update({k: v for k, v in self.adapt(summary).items() if values.get(k) == AUTO})
         return values
 
 
@@ -265,8 +263,7 @@ RECIPES: dict[str, Recipe] = {
             name="imagenet100",
             purpose="ImageNet-100 (224 px) on 2 GPUs; point --data at its train folder",
             source=(
-                "solo-learn scripts/pretrain/imagenet-100/barlow.yaml "
-                "(+ augmentations/asymmetric)"
+                "solo-learn scripts/pretrain/imagenet-100/barlow.yaml (+ augmentations/asymmetric)"
             ),
             published="80.4 % ImageNet-100 linear top-1 (solo-learn model zoo)",
             measured=_NOT_REPRODUCED,
@@ -282,6 +279,11 @@ RECIPES: dict[str, Recipe] = {
     )
 }
 
+# Base learning rates (weights, biases and norms) when an override switches a recipe to
+# another optimiser. LARS 3 is fashion-mnist-cpu's; AdamW at 2e-3 / 4.8e-3 matched LARS at
+# 0.2 in a one-epoch test (benchmarks/recipe.py); SGD's 0.06 is lightly's example value.
+OPTIMIZER_LEARNING_RATES = {"lars": (3.0, 0.0144), "sgd": (0.06, 0.06), "adamw": (2e-3, 4.8e-3)}
+
 DEFAULT_RECIPE = "fashion-mnist-cpu"
 FOLDER_RECIPE = "folder"
 
@@ -295,6 +297,4 @@ def get_recipe(name: str) -> Recipe:
     try:
         return RECIPES[name]
     except KeyError:
-        raise KeyError(
-            f"unknown recipe {name!r}; choose one of: {', '.join(RECIPES)}"
-        ) from None
+        raise KeyError(f"unknown recipe {name!r}; choose one of: {', '.join(RECIPES)}") from None

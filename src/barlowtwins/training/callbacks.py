@@ -15,8 +15,8 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import nn
 
-from barlowtwins.checkpoint import atomic_write, safe_load
-from barlowtwins.distributed import revert_global_batchnorm, sync_batchnorm
+from barlowtwins.nn.distributed import revert_global_batchnorm, sync_batchnorm
+from barlowtwins.training.checkpoint import atomic_write, safe_load
 
 
 class GlobalBatchNormSync(LayerSync):

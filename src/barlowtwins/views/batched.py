@@ -8,7 +8,7 @@ parameter per sample as tensors, so it can run in the training step instead of i
 workers.
 
 How each operation relates to torchvision's per-sample pipeline
-(:class:`barlowtwins.transforms.BarlowTwinsTransform`):
+(:class:`barlowtwins.views.transforms.BarlowTwinsTransform`):
 
 * Random resized crop: crop boxes follow ``RandomResizedCrop``'s sampling (area fraction
   uniform, log aspect ratio uniform, ten trials, centre-crop fallback) on integer pixel boxes.
@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from barlowtwins.transforms import (
+from barlowtwins.views.transforms import (
     ViewConfig,
     barlow_twins_views,
     blur_kernel_size,

@@ -11,9 +11,9 @@ import torch
 from torch import nn
 
 from barlowtwins.backbones import build_backbone
-from barlowtwins.checkpoint import EncoderInfo
 from barlowtwins.data import ImageDataset, InMemoryImages
 from barlowtwins.evaluation import extract_features, knn_accuracy, raw_pixel_features
+from barlowtwins.training.checkpoint import EncoderInfo
 
 _log = logging.getLogger("barlowtwins")
 
@@ -103,7 +103,7 @@ def write_plots(
     A plot that cannot be drawn (e.g. no kNN monitor ran) is skipped with a log line: plots
     never fail a finished training run.
     """
-    from barlowtwins import plots
+    from barlowtwins.evaluation import plots
 
     directory = output / "plots"
     directory.mkdir(exist_ok=True)

@@ -7,9 +7,9 @@ from typing import Any
 
 import torch
 
-from barlowtwins.checkpoint import EncoderInfo, load_encoder
 from barlowtwins.data import DataError, ImageDataset, load_data
 from barlowtwins.evaluation import extract_features, knn_accuracy, linear_probe
+from barlowtwins.training.checkpoint import EncoderInfo, load_encoder
 
 
 def _device(requested: str | None) -> torch.device:

@@ -8,7 +8,7 @@ blur and solarisation probabilities that differ between the two views.
 :class:`ViewConfig` describes one view; :func:`barlow_twins_views` builds the paper's
 asymmetric pair with presets for tiny and grayscale images. :class:`BarlowTwinsTransform`
 applies the pair to one PIL image at a time (Dataset use); the batched equivalent for the
-training hot path lives in :mod:`barlowtwins.augment`.
+training hot path lives in :mod:`barlowtwins.views.batched`.
 """
 
 from __future__ import annotations

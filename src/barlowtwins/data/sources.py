@@ -26,6 +26,8 @@ from PIL import Image, ImageOps
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from barlowtwins.data.spec import DataSpec, DataSummary
+
 _log = logging.getLogger(__name__)
 
 FASHION_MNIST_ENV = "BARLOWTWINS_FASHION_MNIST_DIR"
@@ -62,6 +64,8 @@ _STATS_MAX_SAMPLES = 10_000
 _STATS_CHUNK = 1024
 _RESIZE_CHUNK = 1024
 _SKIPS_LISTED = 5
+# Folders whose decoded pixels fit in this many bytes are decoded once and kept in memory.
+_CACHE_LIMIT_BYTES = 4 * 2**30
 
 
 class DataError(ValueError):
@@ -319,7 +323,7 @@ def load_image_folder(
     image_size: int,
     channels: int = 3,
     max_samples: int | None = None,
-    cache_limit_bytes: int = 4 * 2**30,
+    cache_limit_bytes: int = _CACHE_LIMIT_BYTES,
     workers: int | None = None,
 ) -> ImageDataset:
     """Loads every image file below ``root`` as ``channels x image_size x image_size`` uint8.
@@ -417,7 +421,7 @@ def load_image_folder(
 
 
 def load_data(
-    spec: str,
+    spec: str | DataSpec,
     *,
     image_size: int | None = None,
     channels: int | None = None,
@@ -428,8 +432,9 @@ def load_data(
     """Loads the dataset named by ``spec``: Fashion-MNIST or a folder of images.
 
     Args:
-        spec: ``"fashion-mnist"`` (the train split), ``"fashion-mnist:train"``,
-            ``"fashion-mnist:test"`` (case-insensitive), or else the path of an image folder.
+        spec: A :class:`DataSpec` or its text: ``"fashion-mnist"`` (the train split),
+            ``"fashion-mnist:train"``, ``"fashion-mnist:test"`` (case-insensitive), or else
+            the path of an image folder.
         image_size: Output side. Fashion-MNIST keeps its native 28 when ``None`` and is
             otherwise resized (bilinear, antialiased); required for folders.
         channels: 1 or 3. Fashion-MNIST keeps its 1 channel when ``None`` (grey is repeated for
@@ -447,17 +452,20 @@ def load_data(
     """
     if max_samples is not None and max_samples < 1:
         raise DataError(f"max_samples must be a positive integer or None, got {max_samples}")
-    name, _, split = spec.strip().partition(":")
-    if name.lower() != "fashion-mnist":
+    try:
+        data = DataSpec.parse(spec)
+    except ValueError as error:
+        raise DataError(str(error)) from None
+    if data.path is not None:
         if image_size is None:
-            raise DataError(f"an image size is required to load the image folder {spec}")
+            raise DataError(f"an image size is required to load the image folder {data}")
         return load_image_folder(
-            spec,
+            data.path,
             image_size=image_size,
             channels=3 if channels is None else channels,
             max_samples=max_samples,
         )
-    dataset = load_fashion_mnist(split or "train", root=data_dir, download=download)
+    dataset = load_fashion_mnist(data.split or "train", root=data_dir, download=download)
     if max_samples is not None and max_samples < len(dataset):
         perm = np.random.default_rng(0).permutation(len(dataset))[:max_samples]
         dataset = dataset.subset(np.sort(perm))
@@ -466,6 +474,42 @@ def load_data(
         dataset.image_size if image_size is None else image_size,
         dataset.channels if channels is None else channels,
     )
+
+
+def summarize_folder(root: str | Path, sample: int = 256) -> DataSummary:
+    """Count the image files below ``root`` and measure the median shorter side of a sample.
+
+    Only the files' headers are read (PIL opens lazily), so this is quick even for large
+    folders; recipes use it to choose view size, batch and epochs.
+
+    Args:
+        root: Image folder.
+        sample: Files whose size is read (a seed-0 random sample).
+
+    Raises:
+        DataError: If ``root`` cannot be listed or has no readable image.
+    """
+    files = _scan(Path(root)).files
+    rng = np.random.default_rng(0)
+    picked = rng.permutation(len(files))[:sample] if files else []
+    sides = []
+    for index in picked:
+        try:
+            with Image.open(files[int(index)].path) as image:
+                sides.append(min(image.size))
+        except (OSError, ValueError, Image.DecompressionBombError):
+            continue
+    if not sides:
+        raise DataError(f"no readable image in {root}")
+    return DataSummary(count=len(files), median_side=int(np.median(sides)))
+
+
+def fits_in_memory(
+    root: str | Path, *, image_size: int, channels: int, limit_bytes: int = _CACHE_LIMIT_BYTES
+) -> bool:
+    """Whether :func:`load_image_folder` decodes ``root`` once into memory (else per batch)."""
+    count = len(_scan(Path(root)).files)
+    return count * channels * image_size * image_size <= limit_bytes
 
 
 def dataset_stats(dataset: ImageDataset) -> tuple[tuple[float, ...], tuple[float, ...]]:

@@ -1,9 +1,8 @@
-"""The ``barlowtwins`` command: ``fit``, ``embed`` and ``evaluate``."""
+"""The ``barlowtwins`` command: ``fit``, ``embed``, ``evaluate`` and ``recipes``."""
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import os
@@ -11,14 +10,15 @@ import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args, get_origin
 
 import yaml
 
-from barlowtwins.checkpoint import CheckpointError
-from barlowtwins.config import ConfigError, FitConfig, load_fit_config
-from barlowtwins.distributed import DistributedJobError
+from barlowtwins.app.config import ConfigError, FitConfig, load_fit_config
+from barlowtwins.app.recipes import DEFAULT_RECIPE, HYPERPARAMETERS, RECIPES
 from barlowtwins.loss import NonFiniteLossError
+from barlowtwins.nn.distributed import DistributedJobError
+from barlowtwins.training.checkpoint import CheckpointError
 
 _log = logging.getLogger("barlowtwins")
 
@@ -77,22 +77,37 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    fit = commands.add_parser("fit", help="pretrain an encoder (resumes from --output)")
+    fit = commands.add_parser(
+        "fit",
+        help="pretrain an encoder (resumes from --output)",
+        description="Pretrain an encoder. Every hyperparameter comes from --recipe (default: "
+        f"{DEFAULT_RECIPE} for fashion-mnist, folder for an image folder), then --config, "
+        "then these flags; 'auto' values follow from the data and the hardware.",
+    )
     fit.add_argument("--config", type=Path, help="YAML file with any of the options below")
-    fit.add_argument("--print-config", action="store_true", help="print the effective config")
-    for field in dataclasses.fields(FitConfig):
-        flag = "--" + field.name.replace("_", "-")
-        kind = _argparse_type(field.type)
-        help_text = field.metadata.get("help", "")
-        if kind is bool:
+    fit.add_argument("--print-config", action="store_true", help="print the resolved config")
+    default_recipe = RECIPES[DEFAULT_RECIPE].values
+    for name, field in FitConfig.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        help_text = field.description or ""
+        if name in HYPERPARAMETERS:
+            help_text += f" (from the recipe; {DEFAULT_RECIPE}: {_shown(default_recipe[name])})"
+        elif field.default is not None and not field.is_required():
+            help_text += f" (default: {_shown(field.default)})"
+        # Values stay strings: FitConfig validates and converts them, with one-line errors.
+        if field.annotation is bool:
             fit.add_argument(
                 flag, action=argparse.BooleanOptionalAction, default=None, help=help_text
             )
-        elif kind is tuple:
-            fit.add_argument(flag, type=float, nargs="+", default=None, help=help_text)
+        elif get_origin(field.annotation) is tuple:
+            fit.add_argument(flag, nargs="+", default=None, metavar="N", help=help_text)
         else:
-            fit.add_argument(flag, type=kind, default=None, help=help_text)
+            fit.add_argument(flag, default=None, metavar=_metavar(field.annotation), help=help_text)
     fit.set_defaults(run=_run_fit)
+
+    recipes = commands.add_parser("recipes", help="list the named recipes and their sources")
+    recipes.add_argument("name", nargs="?", help="show every value of this recipe")
+    recipes.set_defaults(run=_run_recipes)
 
     embed = commands.add_parser("embed", help="write backbone features of images to .npz")
     embed.add_argument("checkpoint", type=Path, help="backbone.pt, a .ckpt or a fit output dir")
@@ -123,34 +138,58 @@ def _add_inference_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: best)")
 
 
-def _argparse_type(annotation: Any) -> type:
-    text = str(annotation)
-    for name, kind in (("bool", bool), ("tuple", tuple), ("int", int), ("float", float)):
-        if text.startswith(name):
-            return kind
-    return str
+def _shown(value: Any) -> str:
+    return " ".join(map(str, value)) if isinstance(value, tuple | list) else str(value)
+
+
+def _metavar(annotation: Any) -> str:
+    """``INT``, ``FLOAT``, ``STR`` or the choices, for --help."""
+    kinds = [a for a in get_args(annotation) if a is not type(None)] or [annotation]
+    if get_origin(annotation) is not None and all(isinstance(k, str | int) for k in kinds):
+        return "{" + ",".join(map(str, kinds)) + "}"
+    names = {int: "INT", float: "FLOAT", str: "STR"}
+    return "|".join(names.get(k, "STR") for k in kinds if isinstance(k, type)) or "STR"
 
 
 def _run_fit(args: argparse.Namespace) -> int:
-    overrides = {
-        field.name: getattr(args, field.name)
-        for field in dataclasses.fields(FitConfig)
-        if getattr(args, field.name) is not None
-    }
+    overrides = {name: getattr(args, name) for name in FitConfig.model_fields}
     config = load_fit_config(args.config, overrides)
     if args.print_config:
         print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
         return 0
-    from barlowtwins.fit import fit
+    from barlowtwins.app.fit import fit
 
     fit(config)
+    return 0
+
+
+def _run_recipes(args: argparse.Namespace) -> int:
+    if args.name is not None:
+        recipe = RECIPES.get(args.name)
+        if recipe is None:
+            raise ConfigError(f"unknown recipe {args.name!r}; choose one of: {', '.join(RECIPES)}")
+        print(f"{recipe.name}: {recipe.purpose}\nsource: {recipe.source}")
+        print(f"published: {recipe.published}\nmeasured here: {recipe.measured}\n")
+        print(
+            yaml.safe_dump(
+                {k: list(v) if isinstance(v, tuple) else v for k, v in recipe.values.items()},
+                sort_keys=False,
+            ),
+            end="",
+        )
+        return 0
+    for recipe in RECIPES.values():
+        print(f"{recipe.name:<18} {recipe.purpose}")
+        print(f"{'':<18} source: {recipe.source}")
+        print(f"{'':<18} published: {recipe.published}; measured here: {recipe.measured}")
+    print("\nbarlowtwins recipes NAME shows every value; barlowtwins fit --recipe NAME uses it.")
     return 0
 
 
 def _run_embed(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from barlowtwins.inference import encode
+    from barlowtwins.app.inference import encode
 
     features, dataset = encode(
         args.checkpoint,
@@ -176,7 +215,7 @@ def _run_embed(args: argparse.Namespace) -> int:
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
-    from barlowtwins.inference import evaluate_encoder
+    from barlowtwins.app.inference import evaluate_encoder
 
     results = evaluate_encoder(
         args.checkpoint,
@@ -205,4 +244,4 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["FitConfig", "main"]
+__all__ = ["main"]

@@ -8,12 +8,12 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
-from barlowtwins.augment import BatchedBarlowTwinsAugment
 from barlowtwins.evaluation import knn_accuracy, prepare_images
 from barlowtwins.loss import BarlowTwinsLoss, NonFiniteLossError
 from barlowtwins.model import BarlowTwins
 from barlowtwins.optim import build_optimizer, build_warmup_cosine_scheduler
-from barlowtwins.transforms import barlow_twins_views, resolve_normalization
+from barlowtwins.views.batched import BatchedBarlowTwinsAugment
+from barlowtwins.views.transforms import barlow_twins_views, resolve_normalization
 
 # Validation dataloaders of the online kNN monitor, in this order.
 KNN_BANK, KNN_QUERY = 0, 1
@@ -26,23 +26,32 @@ class BarlowTwinsModule(L.LightningModule):
     are made on the training device (:class:`BatchedBarlowTwinsAugment`), so data loading
     stays cheap. With ``gather_distributed`` the loss uses the global batch of all processes,
     exactly (see :class:`BarlowTwinsLoss`); pair it with
-    :class:`barlowtwins.lightning_plugins.GlobalBatchNormSync` for the batch norms.
+    :class:`barlowtwins.training.callbacks.GlobalBatchNormSync` for the batch norms.
 
     With two validation dataloaders (a labelled sample of the training data, then the test
     data) it logs the weighted-kNN accuracy ``val_knn_acc`` of the backbone features.
+
+    The defaults are the paper's (the ``paper`` recipe of :mod:`barlowtwins.app.recipes`,
+    which a test keeps equal); ``barlowtwins fit`` passes a recipe's values instead.
 
     Args:
         backbone: Backbone name (see :func:`barlowtwins.backbones.build_backbone`).
         in_channels: Image channels (1 or 3).
         image_size: Side of the augmented square views.
         small_image: CIFAR-style stem for images of at most 64 px.
+        zero_init_residual: Zero-initialise the last batch norm of each residual branch.
         projector_dims: Projector sizes; the paper uses (8192, 8192, 8192).
         lambda_param: Off-diagonal weight of the loss.
+        scale_loss: Factor of the whole loss (solo-learn's recipes use 0.1).
         optimizer: "lars" (the paper's), "sgd" or "adamw".
         lr_weights: Base learning rate of weights (scaled by global batch / 256 for LARS/SGD).
         lr_biases: Base learning rate of biases and norm parameters.
         weight_decay: Weight decay of weights (biases and norms have none).
+        momentum: Momentum (Adam's ``beta1`` for "adamw").
+        lars_eta: LARS trust coefficient.
+        lars_clip_lr: Clip LARS's trust ratio at ``1 / lr``.
         warmup_epochs: Linear warm-up before the cosine decay.
+        final_lr_factor: The cosine decay ends at this fraction of the learning rate.
         batch_size: Batch per device; the global batch is this times devices times nodes.
         crop_scale: Random-resized-crop area range of both views (paper: 0.08-1).
         mean: Normalisation mean per channel (default: ImageNet / grey).
@@ -55,19 +64,25 @@ class BarlowTwinsModule(L.LightningModule):
 
     def __init__(
         self,
-        backbone: str = "resnet18",
+        backbone: str = "resnet50",
         in_channels: int = 3,
-        image_size: int = 32,
-        small_image: bool = True,
-        projector_dims: tuple[int, ...] = (2048, 2048, 2048),
-        lambda_param: float = 5e-3,
+        image_size: int = 224,
+        small_image: bool = False,
+        zero_init_residual: bool = True,
+        projector_dims: tuple[int, ...] = (8192, 8192, 8192),
+        lambda_param: float = 0.0051,
+        scale_loss: float = 1.0,
         optimizer: str = "lars",
         lr_weights: float = 0.2,
         lr_biases: float = 0.0048,
         weight_decay: float = 1.5e-6,
+        momentum: float = 0.9,
+        lars_eta: float = 0.001,
+        lars_clip_lr: bool = False,
         warmup_epochs: float = 10,
-        batch_size: int = 256,
-        crop_scale: tuple[float, float] | None = None,
+        final_lr_factor: float = 0.001,
+        batch_size: int = 2048,
+        crop_scale: tuple[float, float] | None = (0.08, 1.0),
         mean: tuple[float, ...] | None = None,
         std: tuple[float, ...] | None = None,
         gather_distributed: bool = True,
@@ -82,13 +97,16 @@ class BarlowTwinsModule(L.LightningModule):
             in_channels=in_channels,
             small_image=small_image,
             projector_dims=tuple(projector_dims),
+            zero_init_residual=zero_init_residual,
         )
         self.mean, self.std = resolve_normalization(in_channels, mean, std)
         view_a, view_b = barlow_twins_views(image_size, in_channels, crop_scale=crop_scale)
         self.augment = BatchedBarlowTwinsAugment(
             image_size, in_channels, view_a, view_b, mean=self.mean, std=self.std
         )
-        self.criterion = BarlowTwinsLoss(lambda_param, gather_distributed=gather_distributed)
+        self.criterion = BarlowTwinsLoss(
+            lambda_param, gather_distributed=gather_distributed, scale_loss=scale_loss
+        )
         self._memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self._knn_features: dict[int, list[Tensor]] = {KNN_BANK: [], KNN_QUERY: []}
         self._knn_labels: dict[int, list[Tensor]] = {KNN_BANK: [], KNN_QUERY: []}
@@ -166,12 +184,18 @@ class BarlowTwinsModule(L.LightningModule):
             lr_weights=self.hparams.lr_weights,
             lr_biases=self.hparams.lr_biases,
             weight_decay=self.hparams.weight_decay,
+            momentum=self.hparams.momentum,
+            lars_eta=self.hparams.lars_eta,
+            lars_clip_lr=self.hparams.lars_clip_lr,
         )
         total_steps = max(1, int(self.trainer.estimated_stepping_batches))
         steps_per_epoch = total_steps / max(1, self.trainer.max_epochs or 1)
         warmup_steps = min(int(self.hparams.warmup_epochs * steps_per_epoch), total_steps - 1)
         scheduler = build_warmup_cosine_scheduler(
-            optimizer, warmup_steps=max(0, warmup_steps), total_steps=total_steps
+            optimizer,
+            warmup_steps=max(0, warmup_steps),
+            total_steps=total_steps,
+            final_factor=self.hparams.final_lr_factor,
         )
         return {
             "optimizer": optimizer,

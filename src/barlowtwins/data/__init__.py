@@ -1,0 +1,42 @@
+"""Data sources: Fashion-MNIST and folders of image files, as fixed-size uint8 images.
+
+A data spec string (``"fashion-mnist:test"``, a folder path) is parsed once into a
+:class:`~barlowtwins.data.spec.DataSpec`; :func:`load_data` turns it into a dataset.
+"""
+
+from barlowtwins.data.sources import (
+    FASHION_MNIST_CLASSES,
+    FASHION_MNIST_ENV,
+    FASHION_MNIST_SYSTEM_DIR,
+    IMAGE_EXTENSIONS,
+    DataError,
+    ImageDataset,
+    InMemoryImages,
+    LazyImageFolder,
+    dataset_stats,
+    fits_in_memory,
+    load_data,
+    load_fashion_mnist,
+    load_image_folder,
+    summarize_folder,
+)
+from barlowtwins.data.spec import DataSpec, DataSummary
+
+__all__ = [
+    "FASHION_MNIST_CLASSES",
+    "FASHION_MNIST_ENV",
+    "FASHION_MNIST_SYSTEM_DIR",
+    "IMAGE_EXTENSIONS",
+    "DataError",
+    "DataSpec",
+    "DataSummary",
+    "ImageDataset",
+    "InMemoryImages",
+    "LazyImageFolder",
+    "dataset_stats",
+    "fits_in_memory",
+    "load_data",
+    "load_fashion_mnist",
+    "load_image_folder",
+    "summarize_folder",
+]
