@@ -181,13 +181,15 @@ def test_print_config_merges_file_and_flags(
     ("args", "crop_scale"),
     [
         ([], [1.0, 1.0]),
-        (["--data", "some/folder"], [0.2, 1.0]),
+        (["--data", "FOLDER"], [0.08, 1.0]),
         (["--crop-scale", "0.08", "1"], [0.08, 1.0]),
     ],
 )
 def test_print_config_shows_the_crop_scale_in_effect(
-    args: list[str], crop_scale: list[float], capsys: pytest.CaptureFixture[str]
+    args: list[str], crop_scale: list[float], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    Image.new("RGB", (40, 40)).save(tmp_path / "image.png")
+    args = [str(tmp_path) if arg == "FOLDER" else arg for arg in args]
     assert main(["fit", *args, "--print-config"]) == 0
     assert yaml.safe_load(capsys.readouterr().out)["crop_scale"] == crop_scale
 

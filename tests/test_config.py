@@ -1,0 +1,127 @@
+"""Tests for barlowtwins.app.config and the data spec: one parse, typed, resolved values."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from barlowtwins.app.cli import main
+from barlowtwins.app.config import ConfigError, load_fit_config
+from barlowtwins.data import DataSpec, fits_in_memory, load_data
+
+
+def _photos(root: Path, count: int = 12, size: tuple[int, int] = (90, 70)) -> Path:
+    root.mkdir(parents=True)
+    for i in range(count):
+        Image.new("RGB", size, (i * 20 % 256, 120, 40)).save(root / f"{i}.jpg")
+    return root
+
+
+def _printed(args: list[str], capsys: pytest.CaptureFixture[str]) -> dict:
+    assert main(["fit", *args, "--print-config"]) == 0
+    return yaml.safe_load(capsys.readouterr().out)
+
+
+def test_a_folder_gets_the_folder_recipe_resolved(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    printed = _printed(["--data", str(_photos(tmp_path / "my_photos"))], capsys)
+    # Not the Fashion-MNIST CPU recipe: solo-learn's, with the view size from the images
+    # (median shorter side 70 px -> 64 px views) and no value left as null or auto.
+    assert printed["recipe"] == "folder"
+    assert (printed["backbone"], printed["lars_eta"], printed["image_size"]) == ("resnet18", 0.02, 64)
+    assert printed["channels"] == 3 and printed["val_data"] is None
+    assert printed["precision"] in ("32-true", "bf16-mixed", "16-mixed")
+    # Only Lightning's own accelerator choice may stay "auto".
+    assert [k for k, v in printed.items() if v == "auto"] == ["accelerator"]
+    assert all(printed[k] is not None for k in ("image_size", "batch_size", "epochs"))
+
+
+def test_the_run_trains_at_the_printed_view_size(tmp_path: Path) -> None:
+    data = _photos(tmp_path / "photos", count=16, size=(40, 40))
+    out = tmp_path / "run"
+    args = ["fit", "--data", str(data), "--image-size", "24", "--backbone", "resnet10"]
+    args += ["--projector-dims", "16", "16", "--batch-size", "8", "--epochs", "1"]
+    assert main([*args, "--precision", "32", "--no-plots", "--output", str(out)]) == 0
+    assert yaml.safe_load((out / "config.yaml").read_text())["image_size"] == 24
+    hparams = torch.load(out / "checkpoints/last.ckpt", weights_only=True)["hyper_parameters"]
+    assert hparams["image_size"] == 24
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("plots: ture\n", "option plots: input should be a valid boolean"),
+        ("projector_dims: [1024.7, 512]\n", "option projector_dims: input should be a valid int"),
+        ("epochs: three\n", "option epochs: input should be a valid integer"),
+        ("optimiser: lars\n", "unknown option(s) optimiser"),
+        ("recipe: imagenet\n", "unknown recipe 'imagenet'"),
+    ],
+)
+def test_a_yaml_value_of_the_wrong_type_is_a_one_line_error(
+    text: str, message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "config.yaml"
+    config.write_text(text)
+    assert main(["fit", "--config", str(config), "--output", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("barlowtwins: error:") and message in err
+    assert len(err.splitlines()) == 1
+
+
+def test_a_recipe_without_a_dataset_needs_data(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="recipe cifar10 has no built-in dataset"):
+        load_fit_config(None, {"recipe": "cifar10", "output": str(tmp_path)})
+
+
+def test_recipe_then_file_then_flags(tmp_path: Path) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text("recipe: paper\nepochs: 7\nbatch_size: 32\n")
+    resolved = load_fit_config(
+        config, {"batch_size": "16", "data": "fashion-mnist", "output": str(tmp_path)}
+    )
+    assert (resolved.recipe, resolved.backbone, resolved.epochs, resolved.batch_size) == (
+        "paper",
+        "resnet50",
+        7,
+        16,
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "kind", "split"),
+    [
+        ("fashion-mnist", "fashion-mnist", "train"),
+        ("FASHION-MNIST:Test", "fashion-mnist", "test"),
+        ("fashion-mnist-png/", "folder", None),
+        ("./fashion-mnist", "folder", None),
+        ("data/fashion-mnist:test", "folder", None),
+    ],
+)
+def test_data_spec_is_parsed_once_one_way(text: str, kind: str, split: str | None) -> None:
+    spec = DataSpec.parse(text)
+    assert (spec.kind, spec.split) == (kind, split)
+
+
+def test_a_folder_named_like_fashion_mnist_is_a_folder_everywhere(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    _photos(tmp_path / "fashion-mnist-png", size=(28, 28))
+    printed = _printed(["--data", "fashion-mnist-png"], capsys)
+    assert (printed["recipe"], printed["channels"], printed["val_data"]) == ("folder", 3, None)
+    assert len(load_data("fashion-mnist-png", image_size=28)) == 12
+
+
+def test_folders_decoded_per_batch_get_dataloader_workers(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = _photos(tmp_path / "photos", count=4)
+    assert fits_in_memory(data, image_size=64, channels=3)
+    assert not fits_in_memory(data, image_size=64, channels=3, limit_bytes=4 * 3 * 64 * 64 - 1)
+    assert _printed(["--data", str(data)], capsys)["num_workers"] == 0  # decoded once
+    assert _printed(["--num-workers", "3", "--data", str(data)], capsys)["num_workers"] == 3
