@@ -33,7 +33,11 @@ def test_a_folder_gets_the_folder_recipe_resolved(
     # Not the Fashion-MNIST CPU recipe: solo-learn's, with the view size from the images
     # (median shorter side 70 px -> 64 px views) and no value left as null or auto.
     assert printed["recipe"] == "folder"
-    assert (printed["backbone"], printed["lars_eta"], printed["image_size"]) == ("resnet18", 0.02, 64)
+    assert (printed["backbone"], printed["lars_eta"], printed["image_size"]) == (
+        "resnet18",
+        0.02,
+        64,
+    )
     assert printed["channels"] == 3 and printed["val_data"] is None
     assert printed["precision"] in ("32-true", "bf16-mixed", "16-mixed")
     # Only Lightning's own accelerator choice may stay "auto".

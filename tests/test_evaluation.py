@@ -302,3 +302,21 @@ def test_raw_pixel_knn_on_fashion_mnist() -> None:
         k=20,  # 200 neighbours would be a whole class of this 2,000-sample subset
     )
     assert accuracy > 70.0
+
+
+def test_features_of_a_folder_decoded_per_item_come_through_dataloader_workers(
+    tmp_path: Path,
+) -> None:
+    from PIL import Image
+
+    from barlowtwins.data import LazyImageFolder, load_image_folder
+
+    for i in range(10):
+        Image.new("RGB", (12, 12), (i * 25, 100, 200 - i * 10)).save(tmp_path / f"{i}.png")
+    lazy = load_image_folder(tmp_path, image_size=8, cache_limit_bytes=0)
+    cached = load_image_folder(tmp_path, image_size=8)
+    assert isinstance(lazy, LazyImageFolder)
+    backbone = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten())
+    options = {"batch_size": 3, "mean": (0.5,) * 3, "std": (0.25,) * 3}
+    expected = extract_features(backbone, cached, **options)
+    assert torch.equal(extract_features(backbone, lazy, num_workers=2, **options), expected)

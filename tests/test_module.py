@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import lightning as L
+import pytest
 import torch
 from torch import nn
 
@@ -83,3 +84,31 @@ def test_global_batchnorm_sync_applies_and_reverts() -> None:
         nn.BatchNorm2d,
         nn.BatchNorm1d,
     ]
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_cpu_convolutions_are_swapped_in_on_cpu_only_when_enabled(
+    enabled: bool, tmp_path: Path
+) -> None:
+    from barlowtwins.nn.convolution import SmallOutputConv2d
+
+    module = BarlowTwinsModule(
+        backbone="resnet10",
+        in_channels=1,
+        image_size=16,
+        projector_dims=(16,),
+        batch_size=8,
+        cpu_convolutions=enabled,
+    )
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        default_root_dir=tmp_path,
+    )
+    data = BarlowTwinsDataModule(load_fashion_mnist("train").head(16), batch_size=8)
+    trainer.fit(module, datamodule=data)
+    swapped = [type(m) is SmallOutputConv2d for m in module.backbone.modules()]
+    assert any(swapped) is enabled

@@ -1,4 +1,4 @@
-"""Tests for barlowtwins.evaluation.plots: each figure is a valid PNG built from small real inputs."""
+"""Tests for barlowtwins.evaluation.plots: each figure is a valid PNG from small real inputs."""
 
 from __future__ import annotations
 

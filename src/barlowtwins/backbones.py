@@ -58,6 +58,7 @@ def build_backbone(
     in_channels: int = 3,
     small_image: bool = False,
     zero_init_residual: bool = False,
+    small_output_convolutions: bool = False,
 ) -> tuple[nn.Module, int]:
     """Build a randomly initialised backbone that maps images to feature vectors.
 
@@ -81,9 +82,11 @@ def build_backbone(
     "barlowtwins[timm]"``). timm models keep their own stems and initialisation, so
     ``small_image`` and ``zero_init_residual`` are rejected for them.
 
-    Plain convolutions become :class:`~barlowtwins.nn.convolution.SmallOutputConv2d`, an
-    ``nn.Conv2d`` with the same parameters whose CPU weight gradient is faster on 1x1 and 2x2
-    outputs (the last stages of a ResNet on small images).
+    With ``small_output_convolutions=True`` a torchvision ResNet's plain convolutions become
+    :class:`~barlowtwins.nn.convolution.SmallOutputConv2d`, an ``nn.Conv2d`` with the same
+    parameters whose CPU weight gradient is faster on 1x1 and 2x2 outputs (the last stages of
+    a ResNet on small images). It only helps training on a CPU: leave it off for CUDA, where it
+    costs a Python check per call. timm models are never changed.
 
     Args:
         name: Backbone name.
@@ -92,6 +95,7 @@ def build_backbone(
             :func:`adapt_stem`).
         zero_init_residual: Zero the last batch-norm weight of each residual block, so every
             block starts as the identity (torchvision's option).
+        small_output_convolutions: Use the fast CPU weight gradient (torchvision ResNets).
 
     Returns:
         ``(module, feature_dim)``; the module maps ``(B, in_channels, H, W)`` to
@@ -108,9 +112,10 @@ def build_backbone(
         feature_dim = model.fc.in_features
         model.fc = nn.Identity()
         model = adapt_stem(model, in_channels, small_image)
+        if small_output_convolutions:
+            use_small_output_convolutions(model)
     else:
         model, feature_dim = _build_timm(name, in_channels, small_image, zero_init_residual)
-    use_small_output_convolutions(model)
     return model, feature_dim
 
 

@@ -10,14 +10,16 @@ arXiv 2103.03230, Sec. 4). A raw-pixel baseline puts both numbers in context.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import os
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import skip_init
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
 _PRECISIONS = {"32": False, "32-true": False, "bf16": True, "bf16-mixed": True}
 
@@ -87,19 +89,36 @@ def prepare_images(
     return (x - mean_t) / std_t
 
 
-def _batch_from_dataset(dataset: Dataset, start: int, stop: int) -> Tensor:
+def _stack_images(items: list[Any]) -> Tensor:
+    """DataLoader collate: the uint8 (C, H, W) image that starts each dataset item, stacked."""
     images = []
-    for i in range(start, stop):
-        item = dataset[i]
-        image = item[0] if isinstance(item, (tuple, list)) else item
+    for item in items:
+        image = item[0] if isinstance(item, tuple | list) else item
         if not isinstance(image, Tensor) or image.dtype != torch.uint8 or image.ndim != 3:
             raise ValueError(
-                f"dataset item {i} must start with a uint8 (C, H, W) tensor; got "
+                "dataset items must start with a uint8 (C, H, W) tensor; got "
                 f"{type(image).__name__} {getattr(image, 'dtype', '')} "
                 f"{tuple(getattr(image, 'shape', ()))}"
             )
         images.append(image)
     return torch.stack(images)
+
+
+def _batches(
+    images: Tensor | Dataset, batch_size: int, num_workers: int | None
+) -> Iterable[Tensor]:
+    """Batches of uint8 images in order: tensor slices, or a DataLoader over a dataset.
+
+    Images already in memory are sliced; other datasets (e.g. a folder decoded per item) go
+    through DataLoader workers, one per core (up to 8) unless ``num_workers`` says otherwise.
+    """
+    in_memory = getattr(images, "images", None)
+    if isinstance(images, Tensor) or isinstance(in_memory, Tensor):
+        tensor = images if isinstance(images, Tensor) else in_memory
+        assert isinstance(tensor, Tensor)
+        return (tensor[start : start + batch_size] for start in range(0, len(tensor), batch_size))
+    workers = min(8, os.cpu_count() or 1) if num_workers is None else num_workers
+    return DataLoader(images, batch_size=batch_size, num_workers=workers, collate_fn=_stack_images)
 
 
 @torch.no_grad()
@@ -113,6 +132,7 @@ def extract_features(
     std: Sequence[float],
     image_size: int | None = None,
     precision: str = "32",
+    num_workers: int | None = None,
 ) -> Tensor:
     """Run a frozen backbone over images and collect its features.
 
@@ -134,6 +154,8 @@ def extract_features(
         image_size: If given, images are resized to ``image_size x image_size``.
         precision: ``"32"`` for float32, ``"bf16"`` for bfloat16 autocast (Lightning's
             ``"32-true"`` and ``"bf16-mixed"`` spellings are accepted too).
+        num_workers: DataLoader workers for a dataset not held in memory (default: one per
+            core, up to 8); in-memory images are sliced without workers.
 
     Returns:
         A float32 CPU tensor of shape ``(N, D)``.
@@ -162,12 +184,9 @@ def extract_features(
     backbone.eval()
     features: Tensor | None = None
     try:
-        for start in range(0, num_images, batch_size):
-            stop = min(start + batch_size, num_images)
-            if isinstance(images, Tensor):
-                batch = images[start:stop]
-            else:
-                batch = _batch_from_dataset(images, start, stop)
+        start = 0
+        for batch in _batches(images, batch_size, num_workers):
+            stop = start + len(batch)
             x = prepare_images(batch.to(device, non_blocking=True), mean, std, image_size)
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16):
                 out = backbone(x)
@@ -175,6 +194,7 @@ def extract_features(
             if features is None:
                 features = torch.empty(num_images, out.shape[1], dtype=torch.float32)
             features[start:stop] = out
+            start = stop
     finally:
         backbone.train(was_training)
     assert features is not None  # num_images > 0 guarantees at least one batch

@@ -7,10 +7,12 @@ from typing import Any
 import lightning as L
 import torch
 from torch import Tensor, nn
+from torchvision.models import ResNet
 
 from barlowtwins.evaluation import knn_accuracy, prepare_images
 from barlowtwins.loss import BarlowTwinsLoss, NonFiniteLossError
 from barlowtwins.model import BarlowTwins
+from barlowtwins.nn.convolution import use_small_output_convolutions
 from barlowtwins.optim import build_optimizer, build_warmup_cosine_scheduler
 from barlowtwins.views.batched import BatchedBarlowTwinsAugment
 from barlowtwins.views.transforms import barlow_twins_views, resolve_normalization
@@ -58,6 +60,8 @@ class BarlowTwinsModule(L.LightningModule):
         std: Normalisation std per channel.
         gather_distributed: Global-batch loss across processes.
         channels_last: Use the channels-last memory format (faster convolutions).
+        cpu_convolutions: When training on a CPU, give a torchvision backbone the faster
+            weight gradient of :class:`~barlowtwins.nn.convolution.SmallOutputConv2d`.
         knn_k: Neighbours of the kNN monitor.
         knn_temperature: Temperature of the kNN votes.
     """
@@ -87,6 +91,7 @@ class BarlowTwinsModule(L.LightningModule):
         std: tuple[float, ...] | None = None,
         gather_distributed: bool = True,
         channels_last: bool = True,
+        cpu_convolutions: bool = True,
         knn_k: int = 200,
         knn_temperature: float = 0.1,
     ) -> None:
@@ -118,6 +123,9 @@ class BarlowTwinsModule(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         self.model.to(memory_format=self._memory_format)
+        on_cpu = self._trainer is not None and self.trainer.strategy.root_device.type == "cpu"
+        if on_cpu and self.hparams.cpu_convolutions and isinstance(self.backbone, ResNet):
+            use_small_output_convolutions(self.backbone)
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         images, labels, _ = batch
