@@ -19,12 +19,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 
 import torch
 
-from barlowtwins import BarlowTwins, BarlowTwinsLoss, BatchedBarlowTwinsAugment, build_optimizer
+from barlowtwins import (
+    BarlowTwins,
+    BarlowTwinsLoss,
+    BatchedBarlowTwinsAugment,
+    build_optimizer,
+    build_warmup_cosine_scheduler,
+)
 from barlowtwins.data import load_fashion_mnist
 from barlowtwins.evaluation import extract_features, knn_accuracy, raw_pixel_features
 from barlowtwins.views.transforms import barlow_twins_views, resolve_normalization
@@ -70,7 +75,10 @@ def main() -> None:
     bank, bank_labels = train.images[: args.bank], train.labels[: args.bank]
     mean, std = resolve_normalization(1, None, None)
     model = BarlowTwins.from_name(
-        "resnet10", in_channels=1, projector_dims=tuple(args.projector)
+        "resnet10",
+        in_channels=1,
+        projector_dims=tuple(args.projector),
+        small_output_convolutions=True,  # a CPU benchmark, as fit on a CPU
     ).to(memory_format=torch.channels_last)
     results: dict[str, object] = {"recipe": vars(args)}
     if args.baselines:
@@ -89,27 +97,23 @@ def main() -> None:
             lr_biases=args.lr_biases,
             weight_decay=args.weight_decay,
         )
-        peak_lrs = [group["lr"] for group in optimizer.param_groups]
+        # The library's schedule: linear warm-up, then cosine down to 1/1000 (as fit's).
+        schedule = build_warmup_cosine_scheduler(
+            optimizer, warmup_steps=int(args.warmup * args.steps), total_steps=args.steps
+        )
         step, started = 0, time.perf_counter()
         while step < args.steps:
             order = torch.randperm(len(train))
             for start in range(0, len(train) - args.batch + 1, args.batch):
                 if step == args.steps:
                     break
-                progress = step / args.steps
-                if progress < args.warmup:
-                    factor = progress / args.warmup
-                else:
-                    phase = (progress - args.warmup) / (1 - args.warmup)
-                    factor = 0.5 * (1 + math.cos(math.pi * phase))
-                for group, peak in zip(optimizer.param_groups, peak_lrs, strict=True):
-                    group["lr"] = peak * max(factor, 1e-3)
                 views = augment(train.images[order[start : start + args.batch]])
                 views = [v.contiguous(memory_format=torch.channels_last) for v in views]
                 loss = loss_fn(model(views[0]), model(views[1]))
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
+                schedule.step()
                 step += 1
         seconds = time.perf_counter() - started
         results["images/s"] = round(step * args.batch / seconds, 1)

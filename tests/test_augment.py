@@ -81,7 +81,7 @@ def test_crop_and_flip_match_torchvision_resized_crop() -> None:
     images = torch.randint(0, 256, (4, 3, 30, 40), dtype=torch.uint8, generator=_seeded())
     boxes = torch.tensor([[0, 0, 30, 40], [5, 7, 20, 30], [3, 1, 8, 8], [10, 20, 17, 9]])
     flip = torch.tensor([False, True, False, True])
-    out = augment._resize_each(
+    out = augment.resize_each(
         images.contiguous(memory_format=torch.channels_last),
         boxes.float(),
         flip,
@@ -101,10 +101,10 @@ def test_grid_crop_and_flip_match_resized_crop_without_antialias() -> None:
     boxes = torch.tensor([[0, 0, 30, 40], [5, 7, 20, 30], [3, 1, 8, 8], [10, 20, 17, 9]])
     top, left, height, width = boxes.float().unbind(1)
     flip = torch.tensor([1.0, -1.0, 1.0, -1.0])
-    out = augment._resized_crop(
+    out = augment.resized_crop_grid(
         images,
-        augment._axis_map(left, width, 40, flip),
-        augment._axis_map(top, height, 30, torch.ones(4)),
+        augment.crop_axis_map(left, width, 40, flip),
+        augment.crop_axis_map(top, height, 30, torch.ones(4)),
         grid=torch.empty(4, 16, 16, 2),
     )
     for i, (t, l, h, w) in enumerate(boxes.tolist()):
@@ -119,9 +119,9 @@ def test_grid_crop_and_flip_match_resized_crop_without_antialias() -> None:
         expected = TF.resized_crop(
             images[i], t, l, h, w, [48, 48], v2.InterpolationMode.BILINEAR, antialias=True
         )
-        grid_x = augment._axis_map(left[i : i + 1], width[i : i + 1], 40, flip[i : i + 1])
-        grid_y = augment._axis_map(top[i : i + 1], height[i : i + 1], 30, torch.ones(1))
-        enlarged = augment._resized_crop(
+        grid_x = augment.crop_axis_map(left[i : i + 1], width[i : i + 1], 40, flip[i : i + 1])
+        grid_y = augment.crop_axis_map(top[i : i + 1], height[i : i + 1], 30, torch.ones(1))
+        enlarged = augment.resized_crop_grid(
             images[i : i + 1], grid_x, grid_y, grid=torch.empty(1, 48, 48, 2)
         )[0]
         expected = expected.flip(-1) if flip[i] < 0 else expected
@@ -130,8 +130,8 @@ def test_grid_crop_and_flip_match_resized_crop_without_antialias() -> None:
 
 def test_crop_boxes_follow_random_resized_crop() -> None:
     config = ViewConfig(crop_scale=(0.2, 0.9))
-    uniforms = torch.rand(4000, augment._CROP_COLS, generator=_seeded())
-    top, left, height, width = augment._sample_crop_boxes(uniforms, 60, 80, config)
+    uniforms = torch.rand(4000, augment.CROP_UNIFORMS, generator=_seeded())
+    top, left, height, width = augment.sample_crop_boxes(uniforms, 60, 80, config)
     for value in (top, left, height, width):
         assert torch.equal(value, value.round())
     assert (top >= 0).all() and (left >= 0).all()
@@ -153,8 +153,8 @@ def test_crop_boxes_follow_random_resized_crop() -> None:
 
 def test_impossible_crop_falls_back_to_the_centre() -> None:
     config = ViewConfig(crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0))
-    uniforms = torch.rand(5, augment._CROP_COLS, generator=_seeded())
-    top, left, height, width = augment._sample_crop_boxes(uniforms, 20, 30, config)
+    uniforms = torch.rand(5, augment.CROP_UNIFORMS, generator=_seeded())
+    top, left, height, width = augment.sample_crop_boxes(uniforms, 20, 30, config)
     assert top.tolist() == [0.0] * 5 and left.tolist() == [5.0] * 5
     assert height.tolist() == [20.0] * 5 and width.tolist() == [20.0] * 5
 
@@ -167,7 +167,9 @@ def test_color_jitter_matches_torchvision_per_sample() -> None:
     images = torch.rand(48, 3, 12, 12, generator=_seeded(1))
     out = BatchedBarlowTwinsAugment(12).augment_view(images, config, _seeded(3))
     # Replay the draw: one row of uniforms per sample, in the layout _sample uses.
-    uniforms = torch.rand(48, augment._N_UNIFORMS, generator=_seeded(3))[:, augment._CROP_COLS :]
+    uniforms = torch.rand(48, augment.UNIFORMS_PER_SAMPLE, generator=_seeded(3))[
+        :, augment.CROP_UNIFORMS :
+    ]
     jittered, factors, order = uniforms[:, 1] < 0.7, uniforms[:, 2:6], uniforms[:, 6:10].argsort(1)
     ops = [TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue]
     for i in range(48):
@@ -184,7 +186,7 @@ def test_hue_shift_matches_torchvision() -> None:
     images[0, :, :3] = 0.5  # gray pixels
     images[1, 1] = images[1, 0]  # ties between the maximum channels
     shifts = torch.tensor([0.1, -0.1, 0.5, -0.5, 0.03])
-    out = augment._shift_hue(images, shifts)
+    out = augment.shift_hue(images, shifts)
     for i in range(5):
         expected = TF.adjust_hue(images[i], shifts[i].item())
         torch.testing.assert_close(out[i], expected, atol=1e-5, rtol=0)
@@ -193,7 +195,7 @@ def test_hue_shift_matches_torchvision() -> None:
 def test_blur_matches_torchvision_with_per_sample_sigma() -> None:
     images = torch.rand(3, 3, 40, 40, generator=_seeded())
     sigma = torch.tensor([0.1, 1.0, 2.0])
-    out = augment._blur(images, sigma, kernel_size=11)
+    out = augment.gaussian_blur(images, sigma, kernel_size=11)
     for i in range(3):
         expected = TF.gaussian_blur(images[i], [11, 11], [sigma[i].item()] * 2)
         torch.testing.assert_close(out[i], expected, atol=1e-4, rtol=0)
@@ -203,15 +205,15 @@ def test_blur_radius_groups_match_each_samples_own_kernel() -> None:
     """Samples grouped by radius get exactly their own kernel of 2 * ceil(4 sigma) + 1 taps."""
     images = torch.rand(6, 3, 30, 30, generator=_seeded())
     sigma = torch.tensor([0.1, 2.0, 0.6, 1.3, 2.0, 0.3])  # radii 1, 8, 3, 6, 8, 2
-    out = augment._blur(images, sigma, kernel_size=23)
+    out = augment.gaussian_blur(images, sigma, kernel_size=23)
     for i in range(6):
         radius = int(torch.ceil(4 * sigma[i]))
         expected = TF.gaussian_blur(images[i], [2 * radius + 1] * 2, [sigma[i].item()] * 2)
         torch.testing.assert_close(out[i], expected, atol=1e-5, rtol=0)
-        alone = augment._blur(images[i : i + 1], sigma[i : i + 1], kernel_size=23)
+        alone = augment.gaussian_blur(images[i : i + 1], sigma[i : i + 1], kernel_size=23)
         torch.testing.assert_close(out[i : i + 1], alone, atol=1e-6, rtol=0)
     # The per-sample truncation differs from the full 23-tap kernel only in its far tail.
-    full = augment._blur_radius(images, sigma, radius=11)
+    full = augment.gaussian_blur_radius(images, sigma, radius=11)
     torch.testing.assert_close(out, full, atol=1e-4, rtol=0)
 
 

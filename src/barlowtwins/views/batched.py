@@ -74,9 +74,10 @@ _CPU_CHUNK_ELEMENTS = 1 << 21
 # resize wins (forward 1.1x at 96 and 128 px; the resize alone is 6x faster at 224 px).
 _PER_SAMPLE_RESIZE_MIN = 96
 # Columns of the single uniform draw per sample: crop (4 per trial), flip, jitter on/off,
-# four jitter factors, four order keys, grayscale, blur on/off, blur sigma, solarize.
-_CROP_COLS = 4 * _CROP_TRIALS
-_N_UNIFORMS = _CROP_COLS + 14
+# four jitter factors, four order keys, grayscale, blur on/off, blur sigma, solarize. Public,
+# like the kernels below, so that tests can draw the same layout.
+CROP_UNIFORMS = 4 * _CROP_TRIALS
+UNIFORMS_PER_SAMPLE = CROP_UNIFORMS + 14
 
 
 @dataclass
@@ -327,9 +328,13 @@ class BatchedBarlowTwinsAugment(nn.Module):
         """Draw every random parameter of one view for each sample of the batch."""
         batch, _, height, width = images.shape
         uniforms = torch.rand(
-            batch, _N_UNIFORMS, generator=generator, device=images.device, dtype=torch.float32
+            batch,
+            UNIFORMS_PER_SAMPLE,
+            generator=generator,
+            device=images.device,
+            dtype=torch.float32,
         )
-        crop, rest = uniforms[:, :_CROP_COLS], uniforms[:, _CROP_COLS:]
+        crop, rest = uniforms[:, :CROP_UNIFORMS], uniforms[:, CROP_UNIFORMS:]
         flip, jitter_on, factors, order_keys = rest[:, 0], rest[:, 1], rest[:, 2:6], rest[:, 6:10]
         gray_u, blur_u, sigma_u, solarize_u = rest[:, 10], rest[:, 11], rest[:, 12], rest[:, 13]
 
@@ -337,7 +342,7 @@ class BatchedBarlowTwinsAugment(nn.Module):
         gray_prob = config.grayscale_prob if self.channels == 3 else 0.0
         low, high = config.blur_sigma
         return _ViewParams(
-            boxes=torch.stack(_sample_crop_boxes(crop, height, width, config), dim=1),
+            boxes=torch.stack(sample_crop_boxes(crop, height, width, config), dim=1),
             flip=flip < config.hflip_prob,
             jitter=_jitter_steps(config, self.channels, jitter_on, factors, order_keys),
             grayscale=_bernoulli(gray_u, gray_prob),
@@ -351,19 +356,19 @@ class BatchedBarlowTwinsAugment(nn.Module):
         rows = chunk.rows
         boxes, flip = params.boxes[rows], params.flip[rows]
         if chunk.resized is not None:
-            x = _resize_each(chunk.raw, boxes, flip, chunk.resized)
+            x = resize_each(chunk.raw, boxes, flip, chunk.resized)
         else:
             height, width = chunk.raw.shape[2:]
             top, left, crop_h, crop_w = boxes.unbind(1)
             sign = torch.where(flip, -1.0, 1.0)
-            grid_x = _axis_map(left, crop_w, width, sign)
-            grid_y = _axis_map(top, crop_h, height, torch.ones_like(sign))
-            x = _resized_crop(chunk.raw, grid_x, grid_y, chunk.grid)
+            grid_x = crop_axis_map(left, crop_w, width, sign)
+            grid_y = crop_axis_map(top, crop_h, height, torch.ones_like(sign))
+            x = resized_crop_grid(chunk.raw, grid_x, grid_y, chunk.grid)
         x = _color_jitter(x, params.jitter, rows, chunk.scale)
         if params.grayscale is not None:
             x = _on_subset(x, params.grayscale[rows], _grayscale)
         if params.blur is not None:
-            blur = functools.partial(_blur, kernel_size=self.blur_kernel_size)
+            blur = functools.partial(gaussian_blur, kernel_size=self.blur_kernel_size)
             x = _on_subset(x, params.blur[rows], blur, params.sigma[rows])
         if params.solarize is not None:
             x = _on_subset(x, params.solarize[rows], _solarize)
@@ -375,7 +380,7 @@ def _bernoulli(uniforms: Tensor, prob: float) -> Tensor | None:
     return uniforms < prob if prob > 0 else None
 
 
-def _sample_crop_boxes(
+def sample_crop_boxes(
     uniforms: Tensor, height: int, width: int, config: ViewConfig
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Vectorised ``RandomResizedCrop.get_params``: integer boxes (top, left, h, w) as floats.
@@ -422,7 +427,7 @@ def _fallback_crop(height: int, width: int, ratio: tuple[float, float]) -> tuple
     return height, width
 
 
-def _axis_map(start: Tensor, length: Tensor, size: int, sign: Tensor) -> Tensor:
+def crop_axis_map(start: Tensor, length: Tensor, size: int, sign: Tensor) -> Tensor:
     """Per-sample ``(scale, offset, low, high)`` of one axis of the sampling grid.
 
     ``grid_sample`` (align_corners=False) maps the normalised coordinates -1 and 1 to the
@@ -443,7 +448,7 @@ def _axis_map(start: Tensor, length: Tensor, size: int, sign: Tensor) -> Tensor:
     )
 
 
-def _resized_crop(raw: Tensor, grid_x: Tensor, grid_y: Tensor, grid: Tensor) -> Tensor:
+def resized_crop_grid(raw: Tensor, grid_x: Tensor, grid_y: Tensor, grid: Tensor) -> Tensor:
     """Crop, flip and resize every sample in one bilinear ``grid_sample``.
 
     ``grid`` is scratch space of shape (n, size, size, 2) that receives the sampling grid.
@@ -465,7 +470,7 @@ def _resized_crop(raw: Tensor, grid_x: Tensor, grid_y: Tensor, grid: Tensor) -> 
     return F.grid_sample(raw, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
-def _resize_each(raw: Tensor, boxes: Tensor, flip: Tensor, out: Tensor) -> Tensor:
+def resize_each(raw: Tensor, boxes: Tensor, flip: Tensor, out: Tensor) -> Tensor:
     """Crop, resize (bilinear, antialiased) and flip each sample on its own into ``out``.
 
     Equals torchvision's ``resized_crop(..., BILINEAR, antialias=True)`` of each box; uint8
@@ -558,11 +563,11 @@ def _color_jitter(x: Tensor, steps: list[_JitterStep], rows: slice, scale: float
             shift = target.mean(dim=2, keepdim=True).mul_(c)
             flat.lerp_(target.mul_(b).add_(shift), w).clamp_(0.0, 1.0)
         if step.hue is not None:
-            x = _on_subset(x, step.hue[rows], _shift_hue, step.hue_shift[rows])
+            x = _on_subset(x, step.hue[rows], shift_hue, step.hue_shift[rows])
     return x
 
 
-def _shift_hue(x: Tensor, shift: Tensor) -> Tensor:
+def shift_hue(x: Tensor, shift: Tensor) -> Tensor:
     """Shift each sample's HSV hue by ``shift`` turns, as torchvision's ``adjust_hue``.
 
     Works directly on RGB: the shift keeps each pixel's maximum and minimum channel (HSV value
@@ -615,7 +620,7 @@ def _solarize(x: Tensor) -> Tensor:
     return torch.where(x >= 0.5, 1.0 - x, x)
 
 
-def _blur(x: Tensor, sigma: Tensor, kernel_size: int) -> Tensor:
+def gaussian_blur(x: Tensor, sigma: Tensor, kernel_size: int) -> Tensor:
     """Gaussian blur of each sample with its own sigma, as torchvision's ``gaussian_blur``.
 
     torchvision convolves with the outer product of a 1-D kernel over a reflect-padded image;
@@ -632,17 +637,19 @@ def _blur(x: Tensor, sigma: Tensor, kernel_size: int) -> Tensor:
     radii = torch.ceil(_BLUR_TRUNCATE_SIGMAS * sigma).clamp_(1, cap).to(torch.int64)
     groups = radii.unique().tolist()
     if len(groups) == 1:
-        return _blur_radius(x, sigma, groups[0])
+        return gaussian_blur_radius(x, sigma, groups[0])
     # A fresh output keeps the input intact, as for a single group.
     out = torch.empty_like(x)
     for radius in groups:
         index = (radii == radius).nonzero().squeeze(1)
-        blurred = _blur_radius(x.index_select(0, index), sigma.index_select(0, index), radius)
+        blurred = gaussian_blur_radius(
+            x.index_select(0, index), sigma.index_select(0, index), radius
+        )
         out.index_copy_(0, index, blurred)
     return out
 
 
-def _blur_radius(x: Tensor, sigma: Tensor, radius: int) -> Tensor:
+def gaussian_blur_radius(x: Tensor, sigma: Tensor, radius: int) -> Tensor:
     """Blur every sample of ``x`` with its own sigma and a kernel of ``2 * radius + 1`` taps.
 
     Each 1-D pass is a sum of shifted slices of the reflect-padded image, one in-place
