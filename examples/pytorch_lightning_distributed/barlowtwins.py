@@ -1,47 +1,37 @@
-"""Barlow Twins with Lightning Distributed Data Parallel (DDP).
+# %% [markdown]
+# # Barlow Twins with Lightning Distributed Data Parallel (DDP)
+#
+# Barlow Twins (Zbontar et al., 2021, https://arxiv.org/abs/2103.03230) with the
+# `barlowtwins` library, on all GPUs when there are any, else on 2 CPU processes (gloo),
+# offline on Fashion-MNIST from the Debian package `dataset-fashion-mnist`. From the
+# command line:
+#
+#     python examples/pytorch_lightning_distributed/barlowtwins.py --epochs 1 --max-samples 2048
+#
+# Across nodes, start it on each node with torchrun (or srun under SLURM), e.g. two nodes of
+# one process each:
+#
+#     torchrun --nnodes 2 --nproc-per-node 1 --node-rank R --master-addr HOST \
+#         --master-port 29500 examples/pytorch_lightning_distributed/barlowtwins.py \
+#         --devices 1 --num-nodes 2
+#
+# It differs from the single-device version in three lines: the DDP strategy, batch norms
+# over the global batch (`GlobalBatchNormSync`: `torch.nn.SyncBatchNorm` on GPUs, our
+# `GlobalBatchNorm` on CPU), and a loss whose statistics are taken over all processes
+# (`gather_distributed=True`). With both, W processes compute exactly the loss and gradients
+# of one process on the global batch of `batch_size * W` images.
+#
+# The notebook trains one epoch on 2048 images with `--strategy ddp_notebook`, which forks
+# the kernel into the 2 processes (the script's `ddp` starts them by running the script
+# again, which a notebook cannot). For the full run (10 epochs on all 60 000 images), call
+# `parser.parse_args(["--strategy", "ddp_notebook"])` below instead.
 
-Runs on all GPUs when there are any, else on 2 CPU processes (gloo), offline on Fashion-MNIST
-from the Debian package dataset-fashion-mnist:
-
-    python examples/pytorch_lightning_distributed/barlowtwins.py --epochs 1 --max-samples 2048
-
-Across nodes, start it on each node with torchrun (or srun under SLURM), e.g. two nodes of
-one process each::
-
-    torchrun --nnodes 2 --nproc-per-node 1 --node-rank R --master-addr HOST --master-port 29500 \
-        examples/pytorch_lightning_distributed/barlowtwins.py --devices 1 --num-nodes 2
-
-The model differs in the following ways from the non-distributed implementation:
-
-- Distributed Data Parallel is enabled.
-- Batch norms are synchronised: ``torch.nn.SyncBatchNorm`` on GPUs, our ``GlobalBatchNorm``
-  on CPU (``GlobalBatchNormSync`` picks the right one).
-- The loss gathers its statistics from all processes (``gather_distributed=True``).
-
-With both, the W processes compute exactly the loss and gradients of one process on the
-global batch (``batch_size * W`` images); the learning rate is scaled by that global batch.
-Without them each process normalises over its own shard only.
-
-Reference: Zbontar et al., "Barlow Twins", 2021. https://arxiv.org/abs/2103.03230
-"""
-
+# %%
 import argparse
 import sys
 from pathlib import Path
 
-# This file is named like the package: keep its own folder off the import path.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).parent.resolve()]
-
-
-import lightning as L
-import torch
-
-from barlowtwins.data import load_data
-from barlowtwins.training.callbacks import GlobalBatchNormSync
-from barlowtwins.training.datamodule import BarlowTwinsDataModule
-from barlowtwins.training.module import BarlowTwinsModule
-
-parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+parser = argparse.ArgumentParser(description="Barlow Twins with Lightning DDP.")
 parser.add_argument("--data", default="fashion-mnist", help="fashion-mnist or an image folder")
 parser.add_argument("--download", action="store_true", help="download Fashion-MNIST if absent")
 parser.add_argument("--epochs", type=int, default=10)
@@ -52,7 +42,25 @@ parser.add_argument(
     "--devices", type=int, default=None, help="per node (default: all GPUs or 2 CPUs)"
 )
 parser.add_argument("--num-nodes", type=int, default=1)
+parser.add_argument("--strategy", default="ddp", help="ddp, or ddp_notebook inside Jupyter")
+
+# The example scripts are named like the package: keep their folder off the import path.
+sys.path[:] = [p for p in sys.path if not Path(p or ".", "barlowtwins.py").is_file()]
+
+# %% tags=["active-py"]
 args = parser.parse_args()
+
+# %% tags=["active-ipynb"]
+# args = parser.parse_args(["--epochs", "1", "--max-samples", "2048", "--strategy", "ddp_notebook"])
+
+# %%
+import lightning as L
+import torch
+
+from barlowtwins.data import load_data
+from barlowtwins.training.datamodule import BarlowTwinsDataModule
+from barlowtwins.training.callbacks import GlobalBatchNormSync
+from barlowtwins.training.module import BarlowTwinsModule
 
 dataset = load_data(
     args.data, image_size=args.image_size, download=args.download, max_samples=args.max_samples
@@ -62,19 +70,23 @@ model = BarlowTwinsModule(
     in_channels=dataset.channels,
     image_size=args.image_size,
     small_image=False,
+    projector_dims=(2048, 2048, 2048),  # the seed's head: 512 -> 2048 -> 2048 -> 2048
     batch_size=args.batch_size,
     warmup_epochs=min(10, args.epochs / 10),
     gather_distributed=True,
 )
 datamodule = BarlowTwinsDataModule(dataset, batch_size=args.batch_size)
 
+# %%
+# Importing Lightning makes this an NVML query that creates no CUDA context, so that
+# ddp_notebook can still fork the processes on GPUs.
 on_gpu = torch.cuda.is_available()
 trainer = L.Trainer(
     max_epochs=args.epochs,
     accelerator="gpu" if on_gpu else "cpu",
     devices=args.devices or ("auto" if on_gpu else 2),
     num_nodes=args.num_nodes,
-    strategy="ddp",
+    strategy=args.strategy,
     plugins=[GlobalBatchNormSync()],
     logger=False,
     enable_checkpointing=False,

@@ -47,7 +47,7 @@ def _configure_logging() -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``barlowtwins`` console script; returns the exit status."""
-    parser = _build_parser()
+    parser = build_parser()
     args = parser.parse_args(argv)
     _configure_logging()
     try:
@@ -70,7 +70,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
-def _build_parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of the ``barlowtwins`` command (the CLI reference is generated from it)."""
     parser = argparse.ArgumentParser(
         prog="barlowtwins",
         description="Barlow Twins self-supervised pretraining (arXiv 2103.03230).",
