@@ -11,6 +11,7 @@ from typing import Any
 import yaml
 
 from barlowtwins.optim import OPTIMIZERS
+from barlowtwins.precision import PRECISIONS
 
 # Default crop area ranges. Fashion-MNIST's objects are centred and fill the frame: in runs
 # of a few epochs, random crops only slow learning down (test kNN after one epoch, 10k-image
@@ -26,7 +27,6 @@ FASHION_MNIST = "fashion-mnist"
 # 82.0 at 3, 82.1 at 5, 79.5 at 8. AdamW at 2e-3 / 4.8e-3 matched LARS at 0.2 in the same
 # test; SGD's 0.06 is lightly's example value, not tuned here.
 DEFAULT_LEARNING_RATES = {"lars": (3.0, 0.0144), "sgd": (0.06, 0.06), "adamw": (2e-3, 4.8e-3)}
-PRECISIONS = ("32", "32-true", "bf16-mixed", "16-mixed", "bf16-true", "64", "64-true")
 
 
 class ConfigError(ValueError):
@@ -92,7 +92,9 @@ class FitConfig:
     accelerator: str = _opt("auto", "cpu, gpu, auto, ...")
     devices: int = _opt(1, "devices (processes) per node")
     num_nodes: int = _opt(1, "nodes (torchrun / SLURM)")
-    precision: str | None = _opt(None, "Lightning precision (default: bf16-mixed where fast)")
+    precision: str | None = _opt(
+        None, f"{', '.join(PRECISIONS)} (default: bf16-mixed where fast, else 32-true)"
+    )
     num_workers: int = _opt(0, "DataLoader workers (0 suits in-memory data)")
     knn_k: int = _opt(200, "neighbours of the kNN monitor and final score")
     knn_bank_size: int = _opt(10000, "labelled training images in the per-epoch kNN monitor")

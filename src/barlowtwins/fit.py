@@ -10,13 +10,14 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 import yaml
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, Logger
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -41,6 +42,7 @@ from barlowtwins.lightning_plugins import (
 )
 from barlowtwins.loss import cross_correlation
 from barlowtwins.module import BarlowTwinsModule
+from barlowtwins.precision import default_precision
 from barlowtwins.report import score_encoders, write_plots
 
 _log = logging.getLogger("barlowtwins")
@@ -54,10 +56,11 @@ SUMMARY_K = (20, 200)
 _EXIT_STATUS_WAIT_S = 2.0
 
 
-def fit(config: FitConfig) -> dict[str, Any]:
+def fit(config: FitConfig, *, callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
     """Run ``barlowtwins fit`` with a validated config; returns the final results.
 
     A rerun with the same ``output`` resumes from ``output/checkpoints/last.ckpt``.
+    ``callbacks`` are Lightning callbacks added to the trainer's own.
     """
     started = time.perf_counter()
     config = dataclasses.replace(config)
@@ -101,7 +104,7 @@ def fit(config: FitConfig) -> dict[str, Any]:
     if config.compile:
         module.model.compile()
 
-    trainer = _trainer(config, output, monitor=val is not None)
+    trainer = _trainer(config, output, monitor=val is not None, callbacks=callbacks)
     last = output / CHECKPOINT_DIR / LAST_CHECKPOINT
     # A kill during an atomic write can leave its temporary file behind.
     for stale in (output / CHECKPOINT_DIR).glob(".*.tmp"):
@@ -154,7 +157,7 @@ def fit(config: FitConfig) -> dict[str, Any]:
             k=config.knn_k,
             more_k=SUMMARY_K,
             seed=config.seed,
-            precision="bf16" if "bf16" in str(trainer.precision) else "32",
+            precision=str(trainer.precision),
         )
         results["knn"] = scores
     if config.plots:
@@ -299,18 +302,9 @@ def _knn_bank(train: ImageDataset, config: FitConfig) -> ImageDataset:
     return train.subset(order[: config.knn_bank_size])
 
 
-def default_precision(accelerator: str) -> str:
-    """bf16 autocast where the hardware runs it fast, else float32."""
-    if torch.cuda.is_available() and accelerator in ("auto", "gpu", "cuda"):
-        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return "32-true"
-    return "bf16-mixed" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "32-true"
-
-
-def _trainer(config: FitConfig, output: Path, *, monitor: bool) -> L.Trainer:
+def _trainer(
+    config: FitConfig, output: Path, *, monitor: bool, callbacks: Sequence[Callback]
+) -> L.Trainer:
     world = config.devices * config.num_nodes
     checkpoint = ModelCheckpoint(
         dirpath=output / CHECKPOINT_DIR,
@@ -337,6 +331,7 @@ def _trainer(config: FitConfig, output: Path, *, monitor: bool) -> L.Trainer:
             PreemptionCheckpoint(output / CHECKPOINT_DIR / LAST_CHECKPOINT),
             RngStateCheckpoint(),
             ProgressBar(),
+            *callbacks,
         ],
         logger=_loggers(output),
         log_every_n_steps=10,
