@@ -28,10 +28,12 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from barlowtwins import precision as _precision
+
 # lightly's Barlow Twins example trains with plain SGD at this learning rate, no schedule.
 LIGHTLY_LR = 0.06
-# Precision names of Lightning (and barlowtwins.app.fit.default_precision) -> autocast dtype.
-_AUTOCAST_DTYPES = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16, "32-true": None}
+# The benchmarks' --precision choices: barlowtwins' default ("auto"), or one it may choose.
+PRECISION_CHOICES = ("auto", *_precision.DEFAULT_PRECISIONS)
 
 
 @dataclass(frozen=True)
@@ -124,15 +126,12 @@ def default_precision(device: torch.device) -> str:
     bf16 autocast only where the hardware runs it fast (CUDA, or CPUs with AVX512-BF16/AMX);
     elsewhere, e.g. AVX2 CPUs where bf16 falls back to slow kernels, float32.
     """
-    # Imported here: barlowtwins.app.fit pulls in Lightning, which only this lookup needs.
-    from barlowtwins.app.fit import default_precision as _default_precision
-
-    return _default_precision("cuda" if device.type == "cuda" else "cpu")
+    return _precision.default_precision("cuda" if device.type == "cuda" else "cpu")
 
 
 def autocast_dtype(precision: str) -> torch.dtype | None:
     """The autocast dtype of a Lightning precision name (None for float32)."""
-    return _AUTOCAST_DTYPES[precision]
+    return _precision.autocast_dtype(precision)
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None) -> AbstractContextManager[object]:

@@ -56,7 +56,7 @@ def _parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--precision",
         default="auto",
-        choices=["auto", "32-true", "bf16-mixed", "16-mixed"],
+        choices=_common.PRECISION_CHOICES,
         help="embeddings' dtype and autocast; auto = barlowtwins' default for the device "
         "(float32 on CPUs without fast bf16)",
     )

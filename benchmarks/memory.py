@@ -47,7 +47,7 @@ def _parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--precision",
         default="auto",
-        choices=["auto", "32-true", "bf16-mixed", "16-mixed"],
+        choices=_common.PRECISION_CHOICES,
         help="barlowtwins' precision; auto = its default for the device",
     )
     parser.add_argument("--side", choices=_SIDES, help=argparse.SUPPRESS)

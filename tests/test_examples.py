@@ -41,7 +41,9 @@ def test_lightning_example() -> None:
 
 @pytest.mark.slow
 def test_lightning_distributed_example_on_two_cpu_processes() -> None:
-    output = _run([sys.executable, "examples/pytorch_lightning_distributed/barlowtwins.py", *QUICK])
+    example = "examples/pytorch_lightning_distributed/barlowtwins.py"
+    # Hidden GPUs: with one, the example would start one process per GPU, not two on the CPU.
+    output = _run([sys.executable, example, *QUICK], CUDA_VISIBLE_DEVICES="")
     losses = re.findall(r"rank (\d): train_loss (\S+)", output)
     assert sorted(rank for rank, _ in losses) == ["0", "1"], output[-2000:]
     # Every rank holds the global loss.
@@ -79,7 +81,8 @@ def test_two_node_torchrun_on_loopback() -> None:
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
-            env={**os.environ, "OMP_NUM_THREADS": "1"},
+            # Hidden GPUs: both "nodes" run here as local rank 0, and would share GPU 0.
+            env={**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""},
         )
         for rank in range(2)
     ]

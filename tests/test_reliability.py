@@ -13,7 +13,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,8 +27,12 @@ from barlowtwins.training.callbacks import AtomicCheckpointIO
 from barlowtwins.training.checkpoint import CheckpointError, atomic_write, safe_load
 
 # Smaller than test_cli's run (4 steps of 16 images per epoch) so that the subprocess tests,
-# which each pay for a fresh interpreter and several epochs, fit on two shared cores.
+# which each pay for a fresh interpreter and several epochs, fit on two shared cores. Runs
+# compared float for float are pinned to float32 on the CPU: a default precision of bf16 (CPUs
+# with AVX512-BF16, CUDA) or a GPU's convolution algorithms are no part of what they check.
 _FAST = [
+    "--accelerator",
+    "cpu",
     "--backbone",
     "resnet10",
     "--max-samples",
@@ -52,6 +56,11 @@ _FAST = [
 ]
 _KILL_EPOCHS = 2
 _STEPS_PER_EPOCH = 4
+# The first step of the second epoch: the first epoch's checkpoint is on disk by then.
+_PAUSE_STEP = _STEPS_PER_EPOCH + 1
+# Runs fit with a callback that stops at a given step until the test lets it go on.
+_PAUSED_FIT = Path(__file__).with_name("_paused_fit.py")
+# A failure guard, not a wait for a state: every wait below ends at an event.
 _WAIT_S = 300
 # One intra-op thread in every subprocess: on shared cores, threads that wait for each other
 # cost more than they gain, and runs compared float for float must add in the same order.
@@ -88,50 +97,66 @@ def _only_error_line(stderr: str) -> str:
     return lines[0]
 
 
+def _fit_arguments(output: Path, epochs: int) -> list[str]:
+    """The ``barlowtwins`` arguments of the fast run."""
+    return ["fit", *_FAST, "--epochs", str(epochs), "--output", str(output)]
+
+
 def _fit_command(output: Path, epochs: int) -> list[str]:
     """The ``python -m barlowtwins fit`` command line of the fast run."""
-    return [
-        sys.executable,
-        "-m",
-        "barlowtwins",
-        "fit",
-        *_FAST,
-        "--epochs",
-        str(epochs),
-        "--output",
-        str(output),
-    ]
+    return [sys.executable, "-m", "barlowtwins", *_fit_arguments(output, epochs)]
 
 
 @contextmanager
-def _fit_process(output: Path, epochs: int, log: Path) -> Iterator[subprocess.Popen[bytes]]:
-    """``barlowtwins fit`` in a subprocess, killed on the way out if a check failed."""
+def _paused_fit(
+    arguments: list[str], pause_step: int, marker: Path, log: Path
+) -> Iterator[subprocess.Popen[bytes]]:
+    """``barlowtwins ARGUMENTS`` in a subprocess whose rank 0 writes ``marker`` after training
+    step ``pause_step`` and then waits for :func:`_go_on`; killed on the way out."""
+    command = [sys.executable, str(_PAUSED_FIT), str(pause_step), str(marker), *arguments]
     # A file, not a pipe: nobody reads while the run trains, and a full pipe would stall it.
     with open(log, "wb") as handle:
         process = subprocess.Popen(
-            _fit_command(output, epochs), stdout=handle, stderr=subprocess.STDOUT, env=_ENV
+            command, stdin=subprocess.PIPE, stdout=handle, stderr=subprocess.STDOUT, env=_ENV
         )
     try:
         yield process
     finally:
         if process.poll() is None:
             process.kill()
-            process.wait()
+        process.wait()
+        assert process.stdin is not None
+        process.stdin.close()
+
+
+def _go_on(process: subprocess.Popen[bytes]) -> None:
+    """Let a run paused by :func:`_paused_fit` continue."""
+    assert process.stdin is not None
+    process.stdin.write(b"\n")
+    process.stdin.flush()
 
 
 def _tail(log: Path) -> str:
     return log.read_text(errors="replace")[-3000:]
 
 
-def _wait_for_checkpoint(process: subprocess.Popen[bytes], path: Path, log: Path) -> None:
-    """Poll until ``path`` exists; fail with the run's log if it exits or hangs first."""
+def _wait_for(
+    condition: Callable[[], bool], what: str, process: subprocess.Popen[bytes], log: Path
+) -> None:
+    """Poll until ``condition()``; fail with the run's log if the run exits or hangs first."""
     deadline = time.monotonic() + _WAIT_S
-    while not path.is_file():
+    while not condition():
         if process.poll() is not None:
-            pytest.fail(f"fit exited ({process.returncode}) before {path}:\n{_tail(log)}")
+            pytest.fail(f"fit exited ({process.returncode}) before {what}:\n{_tail(log)}")
         if time.monotonic() > deadline:
-            pytest.fail(f"no {path} after {_WAIT_S} s:\n{_tail(log)}")
+            pytest.fail(f"no {what} after {_WAIT_S} s:\n{_tail(log)}")
         time.sleep(0.05)
+
+
+def _wait_for_pause(process: subprocess.Popen[bytes], marker: Path, log: Path) -> int:
+    """Wait until the run is paused; returns the step it paused at."""
+    _wait_for(marker.is_file, f"pause ({marker.name})", process, log)
+    return int(marker.read_text())
 
 
 def _run_to_end(output: Path, epochs: int) -> subprocess.CompletedProcess[str]:
@@ -263,29 +288,34 @@ def test_checkpoint_io_keeps_last_checkpoint_when_torch_save_fails(tmp_path: Pat
 
 @dataclass(frozen=True)
 class _Resumed:
-    """A fit killed with SIGKILL after its first checkpoint, then rerun to the end."""
+    """A fit killed with SIGKILL in its second epoch, after its first checkpoint, then rerun
+    to the end."""
 
     output: Path
     killed_status: int
     checkpoint_epoch: int
+    checkpoint_step: int
     rerun: subprocess.CompletedProcess[str]
 
 
 @pytest.fixture(scope="module")
 def killed_and_resumed(tmp_path_factory: pytest.TempPathFactory) -> _Resumed:
     root = tmp_path_factory.mktemp("kill9")
-    output, log = root / "run", root / "killed.log"
-    last = output / "checkpoints" / "last.ckpt"
-    with _fit_process(output, _KILL_EPOCHS, log) as process:
-        _wait_for_checkpoint(process, last, log)
-        # Into the next epoch, so the kill lands mid-training and some logged rows are lost.
-        time.sleep(0.5)
+    output, log, marker = root / "run", root / "killed.log", root / "paused"
+    arguments = _fit_arguments(output, _KILL_EPOCHS)
+    with _paused_fit(arguments, _PAUSE_STEP, marker, log) as process:
+        # Mid-training in the second epoch, one step past the first epoch's checkpoint.
+        assert _wait_for_pause(process, marker, log) == _PAUSE_STEP
         process.send_signal(signal.SIGKILL)
         process.wait(timeout=60)
-    checkpoint = safe_load(last)
+    checkpoint = safe_load(output / "checkpoints" / "last.ckpt")
     assert _all_finite(checkpoint["state_dict"])
     return _Resumed(
-        output, process.returncode, checkpoint["epoch"], _run_to_end(output, _KILL_EPOCHS)
+        output,
+        process.returncode,
+        checkpoint["epoch"],
+        checkpoint["global_step"],
+        _run_to_end(output, _KILL_EPOCHS),
     )
 
 
@@ -293,7 +323,8 @@ def killed_and_resumed(tmp_path_factory: pytest.TempPathFactory) -> _Resumed:
 def test_kill_9_then_rerun_resumes_and_finishes(killed_and_resumed: _Resumed) -> None:
     run = killed_and_resumed
     assert run.killed_status == -signal.SIGKILL
-    assert run.checkpoint_epoch < _KILL_EPOCHS - 1
+    # The kill came one step after the first epoch's checkpoint: that step is lost.
+    assert (run.checkpoint_epoch, run.checkpoint_step) == (0, _STEPS_PER_EPOCH)
     assert "resuming from" in run.rerun.stderr
     assert (run.output / "results.json").is_file()
     assert safe_load(run.output / "checkpoints" / "last.ckpt")["epoch"] == _KILL_EPOCHS - 1
@@ -306,28 +337,38 @@ def test_kill_9_then_rerun_resumes_and_finishes(killed_and_resumed: _Resumed) ->
 def test_preemption_signal_saves_the_current_step_and_rerun_finishes(
     tmp_path: Path, signum: signal.Signals
 ) -> None:
-    output, log = tmp_path / "run", tmp_path / "terminated.log"
+    output, log, marker = tmp_path / "run", tmp_path / "terminated.log", tmp_path / "paused"
     last = output / "checkpoints" / "last.ckpt"
-    with _fit_process(output, 2, log) as process:
-        _wait_for_checkpoint(process, last, log)
-        step_before = safe_load(last)["global_step"]
+    with _paused_fit(_fit_arguments(output, 2), _PAUSE_STEP, marker, log) as process:
+        assert _wait_for_pause(process, marker, log) == _PAUSE_STEP
         process.send_signal(signum)
-        # Lightning finishes the current step (seconds here) before it stops.
+        # The run goes on once Lightning's handler has noted the signal (it logs that), so the
+        # signal is seen at the end of this very step.
+        _wait_for(
+            lambda: "Received SIGTERM" in log.read_text(errors="replace"),
+            "SIGTERM noted",
+            process,
+            log,
+        )
+        _go_on(process)
+        # Lightning stops at the end of the step the signal came in.
         assert process.wait(timeout=120) == 143, _tail(log)
     stopped = re.search(
         r"stopped by SIGTERM/SIGUSR1 at step (\d+)", log.read_text(errors="replace")
     )
     assert stopped is not None, _tail(log)
+    assert int(stopped.group(1)) == _PAUSE_STEP
     # The preemption checkpoint asks Lightning for the full state explicitly (no notice).
     assert "weights_only" not in log.read_text(errors="replace")
     saved = safe_load(last)
-    assert saved["global_step"] == int(stopped.group(1)) >= step_before
+    assert saved["global_step"] == _PAUSE_STEP
     assert _all_finite(saved["state_dict"])
 
     rerun = _run_to_end(output, 2)
     assert "resuming from" in rerun.stderr
-    # Lightning's lines are printed once, without its advertising tips.
-    assert rerun.stderr.count("GPU available") == 1, rerun.stderr[-3000:]
+    # Lightning's lines are printed once, without its advertising tips. (With the colon: on a
+    # machine with a GPU, the CPU run also warns "GPU available but not used".)
+    assert rerun.stderr.count("GPU available:") == 1, rerun.stderr[-3000:]
     assert "Tip:" not in rerun.stderr
     assert "LeafSpec" not in rerun.stderr
     assert (output / "results.json").is_file()
@@ -437,7 +478,7 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
-def _wait_until(condition: Any, timeout: float, what: str, log: Path) -> None:
+def _wait_until(condition: Callable[[], bool], timeout: float, what: str, log: Path) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
         if time.monotonic() > deadline:
@@ -446,30 +487,36 @@ def _wait_until(condition: Any, timeout: float, what: str, log: Path) -> None:
 
 
 @contextmanager
-def _two_rank_fit(output: Path, log: Path) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
-    """A 2-process ``fit`` in training: yields rank 0's process and rank 1's PID."""
-    command = [*_fit_command(output, 50), "--devices", "2", "--accelerator", "cpu"]
-    with open(log, "wb") as handle:
-        process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=_ENV)
+def _two_rank_fit(
+    output: Path, log: Path, marker: Path
+) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
+    """A 2-process ``fit`` whose rank 0 is paused after the first training step (rank 1 waits
+    for it in its next collective): yields rank 0's process and rank 1's PID. Call
+    :func:`_go_on` to let rank 0 continue."""
+    # Two epochs (2 steps each): the tests end the job in its first.
+    arguments = [*_fit_arguments(output, 2), "--devices", "2"]
     rank1: list[int] = []
-    try:
-        _wait_until(lambda: rank1.extend(_children(process.pid)) or rank1, 120, "rank 1", log)
-        # Both ranks are in the training loop once the first steps are logged.
-        metrics = output / "logs" / "run-000" / "metrics.csv"
-        _wait_until(lambda: metrics.is_file() or process.poll() is not None, _WAIT_S, "a step", log)
-        yield process, rank1[0]
-    finally:
-        for pid in [process.pid, *rank1]:
-            if _alive(pid):
-                os.kill(pid, signal.SIGKILL)
-        process.wait()
+    with _paused_fit(arguments, 1, marker, log) as process:
+        try:
+            _wait_for_pause(process, marker, log)
+            # Rank 1 trained the first step with rank 0, so it runs now.
+            rank1 = _children(process.pid)
+            assert len(rank1) == 1, (rank1, _tail(log))
+            yield process, rank1[0]
+        finally:
+            for pid in rank1:
+                if _alive(pid):
+                    os.kill(pid, signal.SIGKILL)
 
 
 @pytest.mark.slow
 def test_a_killed_rank_ends_the_whole_job(tmp_path: Path) -> None:
     log = tmp_path / "fit.log"
-    with _two_rank_fit(tmp_path / "run", log) as (process, rank1):
+    with _two_rank_fit(tmp_path / "run", log, tmp_path / "paused") as (process, rank1):
         os.kill(rank1, signal.SIGKILL)
+        # Dead (a zombie until rank 0 reaps it) before rank 0 goes on to its next collective.
+        _wait_until(lambda: not _alive(rank1), 30, "rank 1's end", log)
+        _go_on(process)
         # Rank 0 would otherwise wait for rank 1 in the next all-reduce for 30 minutes.
         process.wait(timeout=60)
         assert process.returncode != 0
@@ -486,7 +533,8 @@ def test_an_error_on_rank_0_ends_the_other_rank_with_a_one_line_error(tmp_path: 
     # fail while rank 1 waits for it at the barrier that follows every save.
     output, log = tmp_path / "run", tmp_path / "fit.log"
     (output / "checkpoints" / "last.ckpt").mkdir(parents=True)
-    with _two_rank_fit(output, log) as (process, rank1):
+    with _two_rank_fit(output, log, tmp_path / "paused") as (process, rank1):
+        _go_on(process)
         assert process.wait(timeout=_WAIT_S) == 2, _tail(log)
         _wait_until(lambda: not _alive(rank1), 30, "rank 1's end", log)
     text = log.read_text(errors="replace")

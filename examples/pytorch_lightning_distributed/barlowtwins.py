@@ -58,8 +58,8 @@ import lightning as L
 import torch
 
 from barlowtwins.data import load_data
-from barlowtwins.training.datamodule import BarlowTwinsDataModule
 from barlowtwins.training.callbacks import GlobalBatchNormSync
+from barlowtwins.training.datamodule import BarlowTwinsDataModule
 from barlowtwins.training.module import BarlowTwinsModule
 
 dataset = load_data(

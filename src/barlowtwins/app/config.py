@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -240,6 +240,9 @@ def _first_error(error: ValidationError) -> str:
     if kind in _BOUNDS:
         sign, key = _BOUNDS[kind]
         return f"{label} must be {sign} {context[key]}, got {first['input']}"
+    if kind == "literal_error" and name in FitConfig.model_fields:
+        choices = ", ".join(map(str, get_args(FitConfig.model_fields[name].annotation)))
+        return f"{name} must be one of {choices}, got {first['input']!r}"
     if kind == "value_error":
         return str(context.get("error", first["msg"]))
     if kind == "missing":

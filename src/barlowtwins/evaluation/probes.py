@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from torch.nn.utils import skip_init
 from torch.utils.data import DataLoader, Dataset
 
-_PRECISIONS = {"32": False, "32-true": False, "bf16": True, "bf16-mixed": True}
+from barlowtwins.precision import autocast, autocast_dtype
 
 
 @dataclass(frozen=True)
@@ -152,8 +152,9 @@ def extract_features(
         mean: Per-channel mean used for normalisation, on the [0, 1] scale.
         std: Per-channel standard deviation used for normalisation, on the [0, 1] scale.
         image_size: If given, images are resized to ``image_size x image_size``.
-        precision: ``"32"`` for float32, ``"bf16"`` for bfloat16 autocast (Lightning's
-            ``"32-true"`` and ``"bf16-mixed"`` spellings are accepted too).
+        precision: A precision name of :mod:`barlowtwins.precision`: ``"32"`` for float32,
+            ``"bf16"`` (or ``"bf16-mixed"``) for bfloat16 autocast, ``"16-mixed"`` for
+            float16 autocast.
         num_workers: DataLoader workers for a dataset not held in memory (default: one per
             core, up to 8); in-memory images are sliced without workers.
 
@@ -164,8 +165,7 @@ def extract_features(
         ValueError: On empty input, a non-positive batch size, an unknown precision, a backbone
             that lives on another device, or anything :func:`prepare_images` rejects.
     """
-    if precision not in _PRECISIONS:
-        raise ValueError(f"precision must be one of {sorted(_PRECISIONS)}; got {precision!r}")
+    autocast_dtype(precision)  # a ValueError for an unknown name, before any work
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1; got {batch_size}")
     device = torch.device(device)
@@ -178,7 +178,6 @@ def extract_features(
     num_images = len(images)
     if num_images == 0:
         raise ValueError("images is empty; expected at least one image")
-    use_bf16 = _PRECISIONS[precision]
 
     was_training = backbone.training
     backbone.eval()
@@ -188,7 +187,7 @@ def extract_features(
         for batch in _batches(images, batch_size, num_workers):
             stop = start + len(batch)
             x = prepare_images(batch.to(device, non_blocking=True), mean, std, image_size)
-            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16):
+            with autocast(device.type, precision):
                 out = backbone(x)
             out = out.flatten(1).float().cpu()
             if features is None:

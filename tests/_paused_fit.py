@@ -1,0 +1,59 @@
+"""The ``barlowtwins`` command, paused at a known training step, for tests that act on a run
+(kill it, signal it) at a known point instead of guessing how long training takes.
+
+    python tests/_paused_fit.py STEP MARKER fit [OPTIONS...]
+
+runs ``barlowtwins fit [OPTIONS...]`` through :func:`barlowtwins.app.cli.main`, so its output and
+errors are the command's, with one more Lightning callback: on global rank 0, at the end of
+the training step that makes ``trainer.global_step == STEP``, it writes the file MARKER (which
+holds the step) and then waits until a line or the end of its standard input arrives. The
+other ranks do not pause; they wait for rank 0 in their next collective. Lightning restarts
+this script with the same arguments for ranks 1.. of a one-node DDP run.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.callbacks import Callback
+
+import barlowtwins.app.fit
+from barlowtwins.app.cli import main
+
+
+class PauseAtStep(Callback):
+    """On rank 0, announce ``step`` in ``marker``, then block on standard input."""
+
+    def __init__(self, step: int, marker: Path) -> None:
+        self.step = step
+        self.marker = marker
+
+    def on_train_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        if trainer.global_rank != 0 or trainer.global_step != self.step:
+            return
+        # Written under another name and renamed, so the test never reads half a marker.
+        partial = self.marker.with_name(self.marker.name + ".partial")
+        partial.write_text(f"{trainer.global_step}\n")
+        partial.replace(self.marker)
+        sys.stdin.readline()
+
+
+if __name__ == "__main__":
+    step, marker, *command = sys.argv[1:]
+    # The command looks fit() up in barlowtwins.app.fit when it runs; it has no option of its own
+    # for extra callbacks, fit() has.
+    barlowtwins.app.fit.fit = functools.partial(
+        barlowtwins.app.fit.fit, callbacks=[PauseAtStep(int(step), Path(marker))]
+    )
+    sys.exit(main(command))
