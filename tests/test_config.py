@@ -7,18 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from PIL import Image
 
 from barlowtwins.app.cli import main
 from barlowtwins.app.config import ConfigError, load_fit_config
 from barlowtwins.data import DataSpec, fits_in_memory, load_data
-
-
-def _photos(root: Path, count: int = 12, size: tuple[int, int] = (90, 70)) -> Path:
-    root.mkdir(parents=True)
-    for i in range(count):
-        Image.new("RGB", size, (i * 20 % 256, 120, 40)).save(root / f"{i}.jpg")
-    return root
+from conftest import ImageFolderFactory
 
 
 def _printed(args: list[str], capsys: pytest.CaptureFixture[str]) -> dict:
@@ -27,9 +20,10 @@ def _printed(args: list[str], capsys: pytest.CaptureFixture[str]) -> dict:
 
 
 def test_a_folder_gets_the_folder_recipe_resolved(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    image_folder: ImageFolderFactory, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    printed = _printed(["--data", str(_photos(tmp_path / "my_photos"))], capsys)
+    photos = image_folder("my_photos", size=(90, 70), suffix=".jpg")
+    printed = _printed(["--data", str(photos)], capsys)
     # Not the Fashion-MNIST CPU recipe: solo-learn's, with the view size from the images
     # (median shorter side 70 px -> 64 px views) and no value left as null or auto.
     assert printed["recipe"] == "folder"
@@ -45,8 +39,10 @@ def test_a_folder_gets_the_folder_recipe_resolved(
     assert all(printed[k] is not None for k in ("image_size", "batch_size", "epochs"))
 
 
-def test_the_run_trains_at_the_printed_view_size(tmp_path: Path) -> None:
-    data = _photos(tmp_path / "photos", count=16, size=(40, 40))
+def test_the_run_trains_at_the_printed_view_size(
+    tmp_path: Path, image_folder: ImageFolderFactory
+) -> None:
+    data = image_folder("photos", count=16)
     out = tmp_path / "run"
     args = ["fit", "--data", str(data), "--image-size", "24", "--backbone", "resnet10"]
     args += ["--projector-dims", "16", "16", "--batch-size", "8", "--epochs", "1"]
@@ -112,19 +108,22 @@ def test_data_spec_is_parsed_once_one_way(text: str, kind: str, split: str | Non
 
 
 def test_a_folder_named_like_fashion_mnist_is_a_folder_everywhere(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path,
+    image_folder: ImageFolderFactory,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.chdir(tmp_path)
-    _photos(tmp_path / "fashion-mnist-png", size=(28, 28))
+    image_folder("fashion-mnist-png", size=(28, 28))
     printed = _printed(["--data", "fashion-mnist-png"], capsys)
     assert (printed["recipe"], printed["channels"], printed["val_data"]) == ("folder", 3, None)
     assert len(load_data("fashion-mnist-png", image_size=28)) == 12
 
 
 def test_folders_decoded_per_batch_get_dataloader_workers(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    image_folder: ImageFolderFactory, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    data = _photos(tmp_path / "photos", count=4)
+    data = image_folder("photos", count=4)
     assert fits_in_memory(data, image_size=64, channels=3)
     assert not fits_in_memory(data, image_size=64, channels=3, limit_bytes=4 * 3 * 64 * 64 - 1)
     assert _printed(["--data", str(data)], capsys)["num_workers"] == 0  # decoded once

@@ -20,6 +20,7 @@ from barlowtwins.evaluation import (
     prepare_images,
     raw_pixel_features,
 )
+from conftest import ImageFolderFactory
 
 _FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 
@@ -305,16 +306,13 @@ def test_raw_pixel_knn_on_fashion_mnist() -> None:
 
 
 def test_features_of_a_folder_decoded_per_item_come_through_dataloader_workers(
-    tmp_path: Path,
+    image_folder: ImageFolderFactory,
 ) -> None:
-    from PIL import Image
-
     from barlowtwins.data import LazyImageFolder, load_image_folder
 
-    for i in range(10):
-        Image.new("RGB", (12, 12), (i * 25, 100, 200 - i * 10)).save(tmp_path / f"{i}.png")
-    lazy = load_image_folder(tmp_path, image_size=8, cache_limit_bytes=0)
-    cached = load_image_folder(tmp_path, image_size=8)
+    folder = image_folder(count=10, size=(12, 12))
+    lazy = load_image_folder(folder, image_size=8, cache_limit_bytes=0)
+    cached = load_image_folder(folder, image_size=8)
     assert isinstance(lazy, LazyImageFolder)
     backbone = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten())
     options = {"batch_size": 3, "mean": (0.5,) * 3, "std": (0.25,) * 3}

@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 import yaml
-from PIL import Image
 
 from barlowtwins.app.cli import main
 from barlowtwins.app.config import FitConfig
 from barlowtwins.app.recipes import HYPERPARAMETERS, RECIPES, folder_values
 from barlowtwins.data import DataSummary
 from barlowtwins.training import BarlowTwinsModule
+from conftest import ImageFolderFactory
 
 _PAPER = "Zbontar et al. 2021 §4 / facebookresearch/barlowtwins main.py"
 _PAPER_AUG = "Zbontar et al. 2021 appendix A / main.py Transform (RandomResizedCrop default)"
@@ -122,16 +122,11 @@ def test_folder_recipe_follows_the_data(count: int, side: int, expected: dict) -
     assert values["warmup_epochs"] == max(1, values["epochs"] // 10)
 
 
-def _folder(root: Path, count: int, side: int) -> Path:
-    for i in range(count):
-        (root / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
-        Image.new("RGB", (side, side), (i * 7 % 256, 90, 200)).save(root / f"c{i % 2}/{i}.png")
-    return root
-
-
 @pytest.mark.parametrize("recipe", sorted(RECIPES))
-def test_every_recipe_trains_a_few_steps(recipe: str, tmp_path: Path) -> None:
-    data = _folder(tmp_path / "images", 16, 40)
+def test_every_recipe_trains_a_few_steps(
+    recipe: str, tmp_path: Path, image_folder: ImageFolderFactory
+) -> None:
+    data = image_folder(count=16, classes=2)
     # Tiny stand-ins for each recipe's model and data; its optimiser, loss options, schedule
     # and views are the recipe's own.
     small = ["--backbone", "resnet10", "--projector-dims", "32", "32", "--image-size", "32"]
