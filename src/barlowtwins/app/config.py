@@ -83,6 +83,11 @@ class FitConfig(BaseModel):
     warmup_epochs: float = Field(ge=0, description="linear warm-up before the cosine decay")
     final_lr_factor: float = Field(ge=0, le=1, description="cosine decay ends at this x the LR")
     epochs: int = Field(ge=1, description="training epochs")
+    time_budget: float | None = Field(
+        gt=0,
+        description="minutes of training: epochs are sized to fit from the measured step "
+        "time (one process; scoring and plots come on top)",
+    )
     batch_size: int = Field(ge=2, description="batch per device (batch norm needs 2)")
     image_size: int = Field(ge=8, description="side of the views in pixels")
     crop_scale: tuple[float, float] = Field(description="random-resized-crop area range")
@@ -272,6 +277,8 @@ def _check_environment(config: FitConfig) -> None:
         build_backbone(config.backbone)  # raises the error that lists the backbones
     _check_devices(config)
     _check_output(Path(config.output))
+    if config.time_budget is not None and config.world_size > 1:
+        raise ConfigError("time_budget sizes single-process runs; give --epochs with --devices")
 
 
 def _check_devices(config: FitConfig) -> None:

@@ -114,6 +114,8 @@ def prepare(config: FitConfig, *, callbacks: Sequence[Callback] = ()) -> Prepare
             f"the dataset ({len(train)} images); lower --batch-size"
         )
     module = build_module(config, in_channels=train.channels)
+    if config.time_budget is not None:
+        config = _fit_to_budget(config, module, train, output)
     datamodule = BarlowTwinsDataModule(
         train,
         config.batch_size,
@@ -139,6 +141,47 @@ def prepare(config: FitConfig, *, callbacks: Sequence[Callback] = ()) -> Prepare
         _log.info("resuming from %s", run.last_checkpoint)
     (output / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
     return run
+
+
+def _fit_to_budget(
+    config: FitConfig, module: BarlowTwinsModule, train: ImageDataset, output: Path
+) -> FitConfig:
+    """The config with ``epochs`` sized to its time budget (kept from the first invocation)."""
+    from barlowtwins.app.budget import epochs_for_budget, measure_step_seconds
+
+    saved = output / "config.yaml"
+    if (output / CHECKPOINT_DIR / LAST_CHECKPOINT).is_file() and saved.is_file():
+        # A resumed run keeps the schedule it started with.
+        previous = yaml.safe_load(saved.read_text()) or {}
+        if previous.get("time_budget") == config.time_budget and "epochs" in previous:
+            return config.model_copy(update={"epochs": int(previous["epochs"])})
+    images = torch.stack([train[i][0] for i in range(config.batch_size)])
+    step_seconds = measure_step_seconds(
+        module,
+        images,
+        precision=config.precision,
+        cpu_convolutions=config.accelerator in ("cpu", "auto") and not torch.cuda.is_available(),
+    )
+    monitor = (
+        0
+        if config.val_data is None
+        else min(len(train), config.knn_bank_size) + (config.val_max_samples or 10_000)
+    )
+    epochs = epochs_for_budget(
+        config.time_budget or 0.0,
+        step_seconds=step_seconds,
+        steps_per_epoch=len(train) // config.batch_size,
+        batch_size=config.batch_size,
+        monitor_images=monitor,
+    )
+    _log.info(
+        "time budget %.1f min: %.3f s per step of %d images -> %d epochs",
+        config.time_budget,
+        step_seconds,
+        config.batch_size,
+        epochs,
+    )
+    return config.model_copy(update={"epochs": epochs})
 
 
 def build_module(config: FitConfig, *, in_channels: int) -> BarlowTwinsModule:

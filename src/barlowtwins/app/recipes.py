@@ -39,6 +39,7 @@ HYPERPARAMETERS: tuple[str, ...] = (
     "warmup_epochs",
     "final_lr_factor",
     "epochs",
+    "time_budget",
     "batch_size",
     "image_size",
     "crop_scale",
@@ -149,6 +150,7 @@ _SOLO_LEARN = {
     "lars_clip_lr": True,
     "warmup_epochs": 10,
     "final_lr_factor": 0.0,
+    "time_budget": None,
     "crop_scale": (0.08, 1.0),
     "precision": AUTO,
 }
@@ -183,6 +185,7 @@ RECIPES: dict[str, Recipe] = {
                 "warmup_epochs": 0.2,
                 "final_lr_factor": 0.001,
                 "epochs": 5,
+                "time_budget": None,
                 "batch_size": 512,
                 "image_size": 28,
                 # Fashion-MNIST's objects are centred and fill the frame: in short runs
@@ -238,6 +241,7 @@ RECIPES: dict[str, Recipe] = {
                 "warmup_epochs": 10,
                 "final_lr_factor": 0.001,
                 "epochs": 1000,
+                "time_budget": None,
                 # Global batch: with --devices N give --batch-size 2048/N per process.
                 "batch_size": 2048,
                 "image_size": 224,

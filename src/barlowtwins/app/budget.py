@@ -1,0 +1,86 @@
+"""Size a run to a wall-clock budget: as many epochs as the measured step time allows.
+
+``barlowtwins fit --time-budget MINUTES`` times a few training steps of the run's own model,
+augmentation, loss and optimiser on its own data and precision, adds the per-epoch kNN
+monitor's forward passes, and sets ``epochs`` (and with it the warm-up and cosine schedule)
+so that training ends within the budget. A faster machine thus trains longer in the same
+minutes instead of finishing early. The final scoring and plots come on top of the budget.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+
+import torch
+
+from barlowtwins.nn.convolution import use_small_output_convolutions
+from barlowtwins.optim import build_optimizer
+from barlowtwins.precision import autocast
+from barlowtwins.training.module import BarlowTwinsModule
+
+# Untimed steps first (allocator, oneDNN kernel selection), then the timed ones.
+_WARMUP_STEPS = 2
+_TIMED_STEPS = 6
+# Lightning's loop, logging and checkpoints cost a little more than the bare step.
+_LOOP_OVERHEAD = 1.05
+# A forward pass is about a third of a forward + backward pass.
+_FORWARD_SHARE = 1 / 3
+
+
+def measure_step_seconds(
+    module: BarlowTwinsModule, images: torch.Tensor, *, precision: str, cpu_convolutions: bool
+) -> float:
+    """Seconds of one training step (both views, loss, backward, optimiser) on ``images``.
+
+    Runs on a copy of the module, so the run itself starts from its untouched initial state.
+    """
+    probe = copy.deepcopy(module).train()
+    if cpu_convolutions:
+        use_small_output_convolutions(probe.backbone)
+    probe.model.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(probe.model, name=probe.hparams.optimizer, batch_size=len(images))
+    generator = torch.Generator().manual_seed(0)
+    timings = []
+    for step in range(_WARMUP_STEPS + _TIMED_STEPS):
+        started = time.perf_counter()
+        view_a, view_b = probe.augment(images, generator)
+        with autocast("cpu", precision):
+            loss = probe.criterion(
+                probe.model(view_a.contiguous(memory_format=torch.channels_last)),
+                probe.model(view_b.contiguous(memory_format=torch.channels_last)),
+            )
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if step >= _WARMUP_STEPS:
+            timings.append(time.perf_counter() - started)
+    return sorted(timings)[len(timings) // 2]
+
+
+def epochs_for_budget(
+    minutes: float,
+    *,
+    step_seconds: float,
+    steps_per_epoch: int,
+    batch_size: int,
+    monitor_images: int,
+) -> int:
+    """Whole epochs of ``steps_per_epoch`` steps (plus the kNN monitor) that fit ``minutes``.
+
+    Args:
+        minutes: Training budget.
+        step_seconds: Measured time of one training step of ``batch_size`` images.
+        steps_per_epoch: Optimiser steps per epoch.
+        batch_size: Images per step (per process).
+        monitor_images: Images the per-epoch kNN monitor embeds (bank and queries).
+
+    Returns:
+        At least 1.
+    """
+    forward_per_image = step_seconds * _FORWARD_SHARE / (2 * batch_size)
+    epoch_seconds = (
+        steps_per_epoch * step_seconds * _LOOP_OVERHEAD + monitor_images * forward_per_image
+    )
+    return max(1, math.floor(minutes * 60 / epoch_seconds))
