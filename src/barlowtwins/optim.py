@@ -186,8 +186,8 @@ def _trust_ratios(params: Sequence[Tensor], grads: Sequence[Tensor], eta: float)
 
     The ratios stay on the device (no ``.item()``), so the step never waits for the GPU.
     """
-    param_norms = torch.stack(torch._foreach_norm(params))
-    grad_norms = torch.stack(torch._foreach_norm(grads))
+    param_norms = torch.stack(torch._foreach_norm(list(params)))
+    grad_norms = torch.stack(torch._foreach_norm(list(grads)))
     # ``where`` discards the inf/nan of a zero denominator before it can reach a parameter.
     ratios = torch.where(
         (param_norms > 0) & (grad_norms > 0),

@@ -40,7 +40,9 @@ def measure_step_seconds(
     if cpu_convolutions:
         use_small_output_convolutions(probe.backbone)
     probe.model.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(probe.model, name=probe.hparams.optimizer, batch_size=len(images))
+    optimizer = build_optimizer(
+        probe.model, name=str(probe.hparams["optimizer"]), batch_size=len(images)
+    )
     generator = torch.Generator().manual_seed(0)
     timings = []
     for step in range(_WARMUP_STEPS + _TIMED_STEPS):

@@ -218,7 +218,7 @@ class LazyImageFolder(ImageDataset):
             raise DataError("LazyImageFolder needs at least one image path")
         if labels is not None and labels.shape != (len(paths),):
             raise DataError(f"got {tuple(labels.shape)} labels for {len(paths)} paths")
-        self.paths = list(paths)
+        self.paths: list[str] = list(paths)
         self.labels = labels
         self.classes = None if classes is None else list(classes)
         self.image_size = image_size
@@ -468,7 +468,7 @@ def load_data(
     dataset = load_fashion_mnist(data.split or "train", root=data_dir, download=download)
     if max_samples is not None and max_samples < len(dataset):
         perm = np.random.default_rng(0).permutation(len(dataset))[:max_samples]
-        dataset = dataset.subset(np.sort(perm))
+        dataset = dataset.subset(np.sort(perm).tolist())
     return _reshape_images(
         dataset,
         dataset.image_size if image_size is None else image_size,
@@ -491,7 +491,7 @@ def summarize_folder(root: str | Path, sample: int = 256) -> DataSummary:
     """
     files = _scan(Path(root)).files
     rng = np.random.default_rng(0)
-    picked = rng.permutation(len(files))[:sample] if files else []
+    picked = rng.permutation(len(files))[:sample].tolist()
     sides = []
     for index in picked:
         try:
@@ -668,7 +668,7 @@ def _assign_labels(root: Path, files: Sequence[_File]) -> tuple[list[str] | None
         return None, None
     classes = sorted(t for t in tops if t is not None)
     index = {name: i for i, name in enumerate(classes)}
-    return classes, torch.tensor([index[f.top] for f in files], dtype=torch.int64)
+    return classes, torch.tensor([index[str(f.top)] for f in files], dtype=torch.int64)
 
 
 def _open_checked(path: str) -> Image.Image:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Final, Literal
 
-FASHION_MNIST = "fashion-mnist"
+FASHION_MNIST: Final = "fashion-mnist"
 FASHION_MNIST_SPLITS = ("train", "test")
 
 

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Sequence, Sized
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -175,7 +175,7 @@ def extract_features(
 
     if isinstance(images, Tensor):
         _check_uint8_images(images, "images")
-    num_images = len(images)
+    num_images = len(cast(Sized, images))  # datasets here define __len__
     if num_images == 0:
         raise ValueError("images is empty; expected at least one image")
 

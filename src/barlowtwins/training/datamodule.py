@@ -55,6 +55,7 @@ class BarlowTwinsDataModule(L.LightningDataModule):
     def val_dataloader(self) -> list[DataLoader]:
         if not self.has_knn_monitor:
             return []
+        assert self.knn_bank is not None and self.knn_query is not None
         return [
             self._loader(data, shuffle=False, drop_last=False)
             for data in (self.knn_bank, self.knn_query)

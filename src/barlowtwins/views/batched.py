@@ -200,8 +200,8 @@ class BatchedBarlowTwinsAugment(nn.Module):
         params_a = self._sample(images, self.view_a, generator)
         params_b = self._sample(images, self.view_b, generator)
         views = self._empty_views(images, 2)
-        shift = self._shift.to(images.device)
-        inv_std = self._inv_std.to(images.device)
+        shift: Tensor = self._shift.to(images.device)
+        inv_std: Tensor = self._inv_std.to(images.device)
         for chunk in self._chunks(images):
             for params, out in ((params_a, views[0]), (params_b, views[1])):
                 view = self._augment_chunk(chunk, params)
@@ -363,6 +363,7 @@ class BatchedBarlowTwinsAugment(nn.Module):
             sign = torch.where(flip, -1.0, 1.0)
             grid_x = crop_axis_map(left, crop_w, width, sign)
             grid_y = crop_axis_map(top, crop_h, height, torch.ones_like(sign))
+            assert chunk.grid is not None  # chunks that are not resized per sample have one
             x = resized_crop_grid(chunk.raw, grid_x, grid_y, chunk.grid)
         x = _color_jitter(x, params.jitter, rows, chunk.scale)
         if params.grayscale is not None:
@@ -562,7 +563,7 @@ def _color_jitter(x: Tensor, steps: list[_JitterStep], rows: slice, scale: float
             target = torch.bmm(luma, flat)
             shift = target.mean(dim=2, keepdim=True).mul_(c)
             flat.lerp_(target.mul_(b).add_(shift), w).clamp_(0.0, 1.0)
-        if step.hue is not None:
+        if step.hue is not None and step.hue_shift is not None:
             x = _on_subset(x, step.hue[rows], shift_hue, step.hue_shift[rows])
     return x
 

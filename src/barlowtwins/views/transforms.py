@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 from PIL import Image
@@ -137,7 +138,7 @@ def barlow_twins_views(
     """
     _check_image_size(image_size)
     _check_channels(channels)
-    overrides: dict[str, object] = {}
+    overrides: dict[str, Any] = {}
     if crop_scale is not None:
         overrides["crop_scale"] = crop_scale
     if channels == 1:
