@@ -64,7 +64,8 @@ _FIXED_ON_RESUME = (
 
 @dataclass
 class PreparedRun:
-    """Everything :func:`train` needs, built from a config by :func:`prepare`."""
+    """Everything training needs (:func:`~barlowtwins.app.launch.run_training`), built from a
+    config by :func:`prepare`."""
 
     config: FitConfig
     output: Path

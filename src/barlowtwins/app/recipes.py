@@ -20,8 +20,8 @@ from barlowtwins.data.spec import DataSummary
 
 AUTO = "auto"
 
-# Every hyperparameter a recipe sets; `fit` options outside this list describe the run
-# (data, output, devices, seed, ...) rather than the method.
+#: Every hyperparameter a recipe sets; ``fit`` options outside this list describe the run
+#: (data, output, devices, seed, ...) rather than the method.
 HYPERPARAMETERS: tuple[str, ...] = (
     "backbone",
     "small_image",
@@ -162,7 +162,7 @@ RECIPES: dict[str, Recipe] = {
             name="fashion-mnist-cpu",
             purpose="the offline default: Fashion-MNIST at 28 px on a 2-core CPU in ~15 min",
             source="tuned here (README 'Measured results'; benchmarks/recipe.py sweeps)",
-            published="-",
+            published="none",
             measured=(
                 "test kNN 86.96 % (k=20) / 85.77 % (k=200), linear probe 88.21 %, "
                 "15.1 min on a 2-core AVX2 CPU (float32)"
@@ -202,7 +202,7 @@ RECIPES: dict[str, Recipe] = {
                 "view size, batch and epochs from the folder (barlowtwins.app.recipes."
                 "folder_values)"
             ),
-            published="-",
+            published="none",
             measured="not measured: depends on the folder",
             values={
                 **_SOLO_LEARN,
