@@ -22,6 +22,17 @@ _SUMMARY = re.compile(
     re.MULTILINE,
 )
 _TINY_TRAINING = ["--batch", "4", "--num-images", "8", "--steps", "1", "--warmup", "0"]
+# Lines beyond the summaries that a script must print: loss.py's mixed-precision part gives
+# each side's time with its precision and its error against float64.
+_RELATIVE_ERROR = r"relative error vs float64 \d\.\de[+-]\d+"
+_REQUIRED_LINES = {
+    "loss.py": re.compile(
+        rf"^loss fwd\+bwd time, default paths under bf16-mixed autocast .+: "
+        rf"barlowtwins .+ \(bf16-mixed, returns float32, {_RELATIVE_ERROR}\) vs "
+        rf"lightly .+ \(bf16-mixed, returns \w+, {_RELATIVE_ERROR}\) -> [\d.]+x",
+        re.MULTILINE,
+    ),
+}
 
 
 @pytest.mark.slow
@@ -47,3 +58,5 @@ def test_benchmark_prints_its_comparisons(script: str, options: list[str], summa
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     assert "Traceback" not in result.stderr
     assert len(_SUMMARY.findall(result.stdout)) == summaries, result.stdout[-2000:]
+    if script in _REQUIRED_LINES:
+        assert _REQUIRED_LINES[script].search(result.stdout), result.stdout[-2000:]

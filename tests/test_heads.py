@@ -37,3 +37,20 @@ def test_positional_signature_matches_lightly() -> None:
 def test_bad_sizes_raise(kwargs: dict[str, int]) -> None:
     with pytest.raises(ValueError):
         BarlowTwinsProjectionHead(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("input_dim", "hidden_dim", "output_dim"),
+    [(8, 16, 32), (8, 32, 16), (16, 8, 32), (16, 32, 8), (32, 8, 16), (32, 16, 8)],
+)
+@pytest.mark.parametrize("batch", [1, 2])
+def test_eval_mode_maps_any_batch_to_output_dim(
+    input_dim: int, hidden_dim: int, output_dim: int, batch: int
+) -> None:
+    # Narrowing, widening and bottleneck shapes; in eval mode even a batch of one works,
+    # since the batch norms use their running statistics.
+    head = BarlowTwinsProjectionHead(input_dim, hidden_dim, output_dim).eval()
+    with torch.no_grad():
+        out = head(torch.rand(batch, input_dim))
+    assert out.shape == (batch, output_dim)
+    assert torch.isfinite(out).all()

@@ -2,10 +2,16 @@ from __future__ import annotations
 
 import pytest
 import torch
+from lightly.loss import BarlowTwinsLoss as LightlyBarlowTwinsLoss
+from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from _distributed import run_distributed
 from barlowtwins import BarlowTwinsLoss
+from barlowtwins.loss import cross_correlation
+
+# The paper's projector width (Zbontar et al. 2021, section 2).
+_PAPER_DIM = 8192
 
 
 def _paper_loss(z_a: torch.Tensor, z_b: torch.Tensor, lambda_param: float) -> torch.Tensor:
@@ -18,6 +24,132 @@ def _paper_loss(z_a: torch.Tensor, z_b: torch.Tensor, lambda_param: float) -> to
     off_diagonal = ~torch.eye(d, dtype=torch.bool)
     c_diff[off_diagonal] *= lambda_param
     return c_diff.sum()
+
+
+def _official_loss(z_a: torch.Tensor, z_b: torch.Tensor, lambda_param: float) -> torch.Tensor:
+    """The released code's form (facebookresearch/barlowtwins, main.py), in the inputs' dtype.
+
+    A batch norm without affine parameters in training mode standardises each view, and
+    ``c = bn(z_a).T @ bn(z_b) / N``; its sums are torch's own reductions.
+    """
+    batch_norm = nn.BatchNorm1d(z_a.size(1), affine=False, dtype=z_a.dtype)
+    c = batch_norm(z_a).T @ batch_norm(z_b) / z_a.size(0)
+    on_diag = (torch.diagonal(c) - 1).square().sum()
+    off_diag = c.fill_diagonal_(0).square().sum()
+    return on_diag + lambda_param * off_diag
+
+
+def _float64_loss(z_a: torch.Tensor, z_b: torch.Tensor, lambda_param: float) -> torch.Tensor:
+    """Eq. 1 in float64 through the B x B Gram matrices instead of the D x D matrix c.
+
+    ``||A^T B||^2 = sum((A A^T) * (B B^T))``: B^2 D products instead of B D^2, so a float64
+    reference at D = 8192 takes milliseconds, and it shares no code path with the loss.
+    """
+    a, b = (
+        (z - z.mean(0)) / torch.sqrt(z.var(0, unbiased=False) + 1e-5)
+        for z in (z_a.double(), z_b.double())
+    )
+    n = z_a.size(0)
+    diagonal = (a * b).sum(0) / n
+    squares = ((a @ a.T) * (b @ b.T)).sum() / n**2
+    return (1 - diagonal).square().sum() + lambda_param * (squares - diagonal.square().sum())
+
+
+def _views(batch: int, dim: int, noise: float | None, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """Independent views (``noise`` None) or ``z_b = z_a + noise * N(0, 1)``, float32."""
+    gen = torch.Generator().manual_seed(seed)
+    z_a = torch.randn(batch, dim, generator=gen)
+    if noise is None:
+        return z_a, torch.randn(batch, dim, generator=gen)
+    return z_a, z_a + noise * torch.randn(batch, dim, generator=gen)
+
+
+@pytest.mark.parametrize(
+    ("batch", "noise", "lambda_param"),
+    [
+        (32, None, 5e-3),
+        (32, 0.01, 5e-3),
+        (256, None, 5e-3),
+        (256, 0.01, 5e-3),
+        # The invariance term alone with c_ii within 1e-4 of 1: 1 - c_ii must not cancel.
+        (32, 0.01, 0.0),
+        (256, 0.001, 0.0),
+    ],
+)
+def test_float32_loss_equals_float64_at_paper_size(
+    batch: int, noise: float | None, lambda_param: float
+) -> None:
+    z_a, z_b = _views(batch, _PAPER_DIM, noise)
+    got = BarlowTwinsLoss(lambda_param=lambda_param)(z_a, z_b)
+    expected = _float64_loss(z_a, z_b, lambda_param)
+    assert got.dtype == torch.float32
+    relative = ((got.double() - expected).abs() / expected).item()
+    assert relative < 1e-6, (
+        f"float32 loss {got.item()} vs float64 {expected.item()}: {relative:.2e}"
+    )
+
+
+def test_gram_reference_agrees_with_the_d_by_d_form_in_float64() -> None:
+    z_a, z_b = (z.double() for z in _views(16, 40, 0.1))
+    torch.testing.assert_close(
+        _float64_loss(z_a, z_b, 5e-3), _paper_loss(z_a, z_b, 5e-3), rtol=1e-12, atol=0
+    )
+
+
+def test_float32_cross_correlation_equals_float64() -> None:
+    z_a, z_b = _views(64, 2048, 0.01)
+    got = cross_correlation(z_a, z_b)
+    expected = cross_correlation(z_a.double(), z_b.double())
+    assert got.dtype == torch.float32
+    error = torch.linalg.vector_norm(got.double() - expected) / torch.linalg.vector_norm(expected)
+    assert error < 1e-6
+
+
+def test_cross_correlation_is_float32_under_bf16_autocast() -> None:
+    z_a, z_b = _views(32, 64, 0.1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = cross_correlation(z_a, z_b)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, cross_correlation(z_a, z_b))
+
+
+def test_float32_value_equals_the_official_code_under_allclose() -> None:
+    z_a, z_b = _views(32, _PAPER_DIM, None)
+    assert torch.allclose(BarlowTwinsLoss()(z_a, z_b), _official_loss(z_a, z_b, 5e-3))
+
+
+def test_float32_value_equals_lightly_under_allclose() -> None:
+    z_a, z_b = _views(32, _PAPER_DIM, 0.1)
+    ours = BarlowTwinsLoss(lambda_param=5e-3)(z_a, z_b)
+    assert torch.allclose(ours, LightlyBarlowTwinsLoss(lambda_param=5e-3)(z_a, z_b))
+
+
+def test_float32_affine_map_of_one_view_keeps_the_loss_under_allclose() -> None:
+    # Invariant up to the batch-norm epsilon: 8e-6 relative here, in float64 as in float32.
+    x, _ = _views(32, 1024, None)
+    loss_fn = BarlowTwinsLoss()
+    assert torch.allclose(loss_fn(x, x), loss_fn(x, 2 * x + 4))
+
+
+def test_gather_distributed_without_torch_distributed_is_rejected_at_construction(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    calls: list[None] = []
+
+    def unavailable() -> bool:
+        calls.append(None)
+        return False
+
+    monkeypatch.setattr(torch.distributed, "is_available", unavailable)
+    with pytest.raises(ValueError, match=r"needs torch\.distributed"):
+        BarlowTwinsLoss(gather_distributed=True)
+    assert len(calls) == 1
+    BarlowTwinsLoss(gather_distributed=False)  # needs no torch.distributed
+
+
+def test_gather_distributed_is_accepted_where_torch_distributed_exists() -> None:
+    assert torch.distributed.is_available()
+    assert BarlowTwinsLoss(gather_distributed=True).gather_distributed
 
 
 @pytest.mark.parametrize("lambda_param", [5e-3, 0.0051, 0.5])
@@ -141,7 +273,28 @@ def _projection() -> torch.nn.Linear:
     return torch.nn.Linear(5, 7, bias=False).double()
 
 
+def _check_replicated_batch() -> None:
+    """Every rank holds the same batch, so the global batch is that batch repeated.
+
+    Repeating a batch changes neither its statistics nor c: the global loss is the
+    single-process loss. Each rank's input gradient is world_size times its copy's share,
+    i.e. the single-process gradient, which DDP's average leaves as it is.
+    """
+    z_a, z_b = _views(16, 64, 0.5, seed=5)
+    single = [z.clone().requires_grad_() for z in (z_a, z_b)]
+    expected = BarlowTwinsLoss()(*single)
+    expected.backward()
+    local = [z.clone().requires_grad_() for z in (z_a, z_b)]
+    loss = BarlowTwinsLoss(gather_distributed=True)(*local)
+    loss.backward()
+    torch.testing.assert_close(loss, expected)
+    for got, want in zip(local, single, strict=True):
+        torch.testing.assert_close(got.grad, want.grad)
+
+
 def _exactness_worker(rank: int, world_size: int) -> None:
+    # One pool of processes for both checks: starting one costs ~10-25 s on this machine.
+    _check_replicated_batch()
     x_a, x_b = _global_inputs()
 
     single = _projection()
@@ -161,6 +314,7 @@ def _exactness_worker(rank: int, world_size: int) -> None:
 
 
 def test_gather_distributed_equals_one_process_on_global_batch() -> None:
+    """Float32 replicated batches (lightly's case), then float64 shards of different sizes."""
     run_distributed(_exactness_worker, 2)
 
 
