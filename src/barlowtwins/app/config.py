@@ -73,6 +73,9 @@ class FitConfig(BaseModel):
     projector_dims: tuple[int, ...] = Field(min_length=1, description="projector layer sizes")
     lambda_param: float = Field(ge=0, description="off-diagonal weight of the loss")
     scale_loss: float = Field(gt=0, description="factor of the whole loss (solo-learn)")
+    mix_weight: float = Field(
+        ge=0, description="Mixed Barlow Twins regulariser weight (0: plain Barlow Twins)"
+    )
     optimizer: Literal["lars", "sgd", "adamw"] = Field(description="lars, sgd or adamw")
     lr_weights: float = Field(gt=0, description="base LR of weights (x global batch / 256)")
     lr_biases: float = Field(gt=0, description="base LR of biases and norms")

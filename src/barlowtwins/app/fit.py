@@ -196,6 +196,8 @@ def build_module(config: FitConfig, *, in_channels: int) -> BarlowTwinsModule:
         projector_dims=config.projector_dims,
         lambda_param=config.lambda_param,
         scale_loss=config.scale_loss,
+        mix_weight=config.mix_weight,
+        mix_seed=config.seed,
         optimizer=config.optimizer,
         lr_weights=config.lr_weights,
         lr_biases=config.lr_biases,

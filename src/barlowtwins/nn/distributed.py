@@ -80,6 +80,9 @@ class GlobalBatchNorm(_BatchNorm):
     batch norm. Use :func:`convert_to_global_batchnorm` to swap it into a model.
     """
 
+    # The batch norm class this one replaced (convert_to_global_batchnorm), to revert to.
+    _original_class: type[_BatchNorm]
+
     def _check_input_dim(self, input: Tensor) -> None:
         if input.dim() < 2:
             raise ValueError(f"expected at least 2-D input (N, C, ...), got {input.dim()}-D")
@@ -109,6 +112,9 @@ class GlobalBatchNorm(_BatchNorm):
 
     @torch.no_grad()
     def _update_running_stats(self, mean: Tensor, var: Tensor, count: int) -> None:
+        # Only called with track_running_stats, which allocates all three.
+        assert self.num_batches_tracked is not None
+        assert self.running_mean is not None and self.running_var is not None
         self.num_batches_tracked.add_(1)
         momentum = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
         unbiased_var = var * (count / (count - 1))
@@ -127,6 +133,7 @@ def convert_to_global_batchnorm(module: nn.Module) -> nn.Module:
     """
     if isinstance(module, _BatchNorm) and not isinstance(module, GlobalBatchNorm):
         converted = _rebuild_batchnorm(module, GlobalBatchNorm)
+        assert isinstance(converted, GlobalBatchNorm)
         converted._original_class = type(module)
         return converted
     for name, child in module.named_children():

@@ -148,6 +148,9 @@ class BatchedBarlowTwinsAugment(nn.Module):
         torch.Size([8, 3, 32, 32])
     """
 
+    _inv_std: Tensor
+    _shift: Tensor
+
     def __init__(
         self,
         image_size: int,
@@ -200,8 +203,8 @@ class BatchedBarlowTwinsAugment(nn.Module):
         params_a = self._sample(images, self.view_a, generator)
         params_b = self._sample(images, self.view_b, generator)
         views = self._empty_views(images, 2)
-        shift: Tensor = self._shift.to(images.device)
-        inv_std: Tensor = self._inv_std.to(images.device)
+        shift = self._shift.to(images.device)
+        inv_std = self._inv_std.to(images.device)
         for chunk in self._chunks(images):
             for params, out in ((params_a, views[0]), (params_b, views[1])):
                 view = self._augment_chunk(chunk, params)
