@@ -112,3 +112,27 @@ def test_cpu_convolutions_are_swapped_in_on_cpu_only_when_enabled(
     trainer.fit(module, datamodule=data)
     swapped = [type(m) is SmallOutputConv2d for m in module.backbone.modules()]
     assert any(swapped) is enabled
+
+
+def test_mixed_barlow_twins_trains_and_logs_its_term(tmp_path: Path) -> None:
+    module = BarlowTwinsModule(
+        backbone="resnet10",
+        in_channels=1,
+        image_size=16,
+        projector_dims=(16,),
+        batch_size=8,
+        mix_weight=4.0,
+    )
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=2,
+        logger=False,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(module, datamodule=BarlowTwinsDataModule(load_fashion_mnist("train").head(16), 8))
+    metrics = trainer.callback_metrics
+    assert torch.isfinite(metrics["train_loss"])
+    # The regulariser is part of the loss: positive for a generic mixing coefficient.
+    assert 0 < float(metrics["train_mixed_term"]) < float(metrics["train_loss"])

@@ -10,6 +10,7 @@ from typing import Any
 from barlowtwins.backbones import build_backbone
 from barlowtwins.heads import BarlowTwinsProjectionHead
 from barlowtwins.loss import BarlowTwinsLoss
+from barlowtwins.mixed_loss import MixedBarlowTwinsLoss, MixUp
 from barlowtwins.model import BarlowTwins
 from barlowtwins.optim import LARS, build_optimizer, build_warmup_cosine_scheduler
 from barlowtwins.views.batched import BatchedBarlowTwinsAugment
@@ -23,6 +24,8 @@ __all__ = [
     "BarlowTwinsProjectionHead",
     "BarlowTwinsTransform",
     "BatchedBarlowTwinsAugment",
+    "MixUp",
+    "MixedBarlowTwinsLoss",
     "ViewConfig",
     "barlow_twins_views",
     "build_backbone",

@@ -11,6 +11,7 @@ from torchvision.models import ResNet
 
 from barlowtwins.evaluation import knn_accuracy, prepare_images
 from barlowtwins.loss import BarlowTwinsLoss, NonFiniteLossError
+from barlowtwins.mixed_loss import MixedBarlowTwinsLoss, MixUp
 from barlowtwins.model import BarlowTwins
 from barlowtwins.nn.convolution import use_small_output_convolutions
 from barlowtwins.optim import build_optimizer, build_warmup_cosine_scheduler
@@ -45,6 +46,10 @@ class BarlowTwinsModule(L.LightningModule):
         projector_dims: Projector sizes; the paper uses (8192, 8192, 8192).
         lambda_param: Off-diagonal weight of the loss.
         scale_loss: Factor of the whole loss (solo-learn's recipes use 0.1).
+        mix_weight: Weight of Mixed Barlow Twins' regulariser (Bandara et al. 2023,
+            arXiv 2312.02151; :class:`~barlowtwins.mixed_loss.MixedBarlowTwinsLoss`); 0 trains
+            plain Barlow Twins. Each step then also embeds a mixup of the two views.
+        mix_seed: Seed of the mixup coefficients and permutations (drawn per step).
         optimizer: "lars" (the paper's), "sgd" or "adamw".
         lr_weights: Base learning rate of weights (scaled by global batch / 256 for LARS/SGD).
         lr_biases: Base learning rate of biases and norm parameters.
@@ -76,6 +81,8 @@ class BarlowTwinsModule(L.LightningModule):
         projector_dims: tuple[int, ...] = (8192, 8192, 8192),
         lambda_param: float = 0.0051,
         scale_loss: float = 1.0,
+        mix_weight: float = 0.0,
+        mix_seed: int = 0,
         optimizer: str = "lars",
         lr_weights: float = 0.2,
         lr_biases: float = 0.0048,
@@ -112,6 +119,13 @@ class BarlowTwinsModule(L.LightningModule):
         self.criterion = BarlowTwinsLoss(
             lambda_param, gather_distributed=gather_distributed, scale_loss=scale_loss
         )
+        self.mixup = MixUp(mix_seed, gather_distributed) if mix_weight > 0 else None
+        self.mixed_criterion = MixedBarlowTwinsLoss(
+            lambda_param,
+            mix_weight=mix_weight,
+            gather_distributed=gather_distributed,
+            scale_loss=scale_loss,
+        )
         self._memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self._knn_features: dict[int, list[Tensor]] = {KNN_BANK: [], KNN_QUERY: []}
         self._knn_labels: dict[int, list[Tensor]] = {KNN_BANK: [], KNN_QUERY: []}
@@ -138,7 +152,16 @@ class BarlowTwinsModule(L.LightningModule):
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         (view_a, view_b), _ = batch
-        loss = self.criterion(self.model(view_a), self.model(view_b))
+        z_a, z_b = self.model(view_a), self.model(view_b)
+        if self.mixup is None:
+            loss = self.criterion(z_a, z_b)
+        else:
+            # Mixed Barlow Twins: the same step number gives every rank the same permutation.
+            mixed = self.mixup(view_a, view_b, step=self.global_step)
+            z_mixed = self.model(mixed.images.contiguous(memory_format=self._memory_format))
+            terms = self.mixed_criterion.terms(z_a, z_b, z_mixed, mixed.alpha, mixed.permutation)
+            self.log("train_mixed_term", terms.mixed, on_step=True, on_epoch=True)
+            loss = terms.barlow_twins + terms.mixed
         if not torch.isfinite(loss):
             raise NonFiniteLossError(
                 f"loss became {loss.item()} at step {self.global_step}; lower the learning "
