@@ -54,7 +54,7 @@ def _parse_args() -> argparse.Namespace:
     _common.add_common_arguments(parser, repeats=2)
     args = parser.parse_args()
     # Options throughput.py's builders read: its default (the issue's) network.
-    args.backbone, args.small_image, args.image_size, _, projector = throughput._ISSUE_NETWORK
+    args.backbone, args.small_image, args.image_size, _, projector = throughput.ISSUE_NETWORK
     args.projector = list(projector)
     args.no_channels_last = False
     return args
@@ -72,9 +72,9 @@ def _train_one_side(args: argparse.Namespace) -> None:
         generator=torch.Generator().manual_seed(args.seed),
     )
     if args.side == "barlowtwins":
-        side = throughput._ours(args, images, device, precision)
+        side = throughput.barlowtwins_side(args, images, device, precision)
     else:
-        side = throughput._lightly(args, images, device)
+        side = throughput.lightly_side(args, images, device)
     for _ in range(args.warmup + args.steps):
         side.step()
     _common.synchronize(device)
