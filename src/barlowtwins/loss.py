@@ -19,12 +19,14 @@ from barlowtwins.nn.distributed import global_count, global_sum, world_size
 
 # Same epsilon as torch.nn.BatchNorm1d, which the paper's released code uses to standardise.
 _BATCHNORM_EPS = 1e-5
-# Values of c per block in _sum_of_squares. On a CPU, 2**18 (a 1 MiB float32 temporary that
-# stays in cache) is among the fastest of 2**16..2**22 (measured, 1 thread, D = 2048, 8192). On
-# a GPU a block that small takes less time to read than its kernel launches, so blocks are 16x
-# larger there (reasoned, not yet measured on a GPU).
-_CPU_BLOCK_ELEMENTS = 2**18
-_GPU_BLOCK_ELEMENTS = 2**22
+# Blocks of c in _sum_of_squares: about 2**18 values (a 1 MiB temporary that stays in cache),
+# but no more than 32 blocks, since each costs a kernel launch on a GPU and an OpenMP parallel
+# region on a CPU, which waits for a time slice when other processes share the cores. Measured
+# on 2 CPU threads, loss fwd+bwd at B = 256, against the single-sdot loss of session 4: with
+# 256 blocks of 2**18 it was 4 % slower at D = 8192; with blocks of 2**20 (out of cache), 7 %
+# slower at D = 2048.
+_BLOCK_ELEMENTS = 2**18
+_MAX_BLOCKS = 32
 
 
 class NonFiniteLossError(RuntimeError):
@@ -136,8 +138,9 @@ class _RedundancyReduction(torch.autograd.Function):
         lambda_param: float,
         ranks: int,
     ) -> Tensor:
-        # float64 sums over the batch; vector_norm(dim=0) would take 5x as long here.
-        distance = (a - b).square_().sum(dim=0, dtype=torch.float64)
+        # torch's float32 sum over the batch is accurate here (1.9e-7 per feature at most, at
+        # B = 256..2048); a float64 sum would cast a B x D copy and take 4-14x as long.
+        distance = (a - b).square_().sum(dim=0).to(torch.float64)
         if ranks > 1:
             dist.all_reduce(distance)  # over the global batch, like c
         # 1 - ||a_i||^2 / n = eps / (var_a_i + eps), likewise for b (see the class docstring).
@@ -237,16 +240,17 @@ def _sum_of_squares(matrix: Tensor) -> Tensor:
 
     BLAS ``sdot`` over the paper's 8192 x 8192 entries, which this loss used before, is off by
     ~1e-3 (and ``vector_norm`` by ~1e-2): each SIMD lane's running sum grows until the
-    squares added to it lose their low bits. Here each block of rows is squared into a small
-    temporary (at most a quarter of the matrix, 1 MiB on a CPU, 16 MiB on a GPU) and summed
-    by torch's own reduction, which sums pairwise (cascade summation on CPUs, a tree on GPUs);
-    the block sums add up in float64. Measured at D = 8192: 1e-9 relative error on random
-    ``c``, 3.5e-7 on a constant one (the worst case for running sums), as fast as ``sdot``.
+    squares added to it lose their low bits. Here each block of rows is squared into a
+    temporary (at most a quarter of the matrix; 8 MiB at D = 8192) and summed by torch's own
+    reduction, which sums pairwise (cascade summation on CPUs, a tree on GPUs); the block
+    sums add up in float64. Measured at D = 8192: 1e-8 relative error on random ``c``, 3.5e-7
+    on a constant one (the worst case for running sums), as fast as ``sdot`` per loss call.
     Casting blocks to float64 instead was as exact (1e-12) but 3 % slower per loss call at
     D = 2048; one float64 cast of the whole matrix would hold a copy twice the size of ``c``.
     """
-    block_elements = _CPU_BLOCK_ELEMENTS if matrix.device.type == "cpu" else _GPU_BLOCK_ELEMENTS
-    rows = max(1, min(matrix.size(0) // 4, block_elements // matrix.size(1)))
+    rows_for_size = _BLOCK_ELEMENTS // matrix.size(1)
+    rows_for_count = -(-matrix.size(0) // _MAX_BLOCKS)  # ceil
+    rows = max(1, min(matrix.size(0) // 4, max(rows_for_size, rows_for_count)))
     blocks = matrix.split(rows)
     partials = matrix.new_empty(len(blocks))
     for block, partial in zip(blocks, partials, strict=True):
