@@ -21,7 +21,8 @@ Use :class:`MixUp` to draw ``alpha`` and ``perm`` and make the mixed images, the
 from __future__ import annotations
 
 import hashlib
-from typing import Any, NamedTuple
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -38,7 +39,8 @@ from barlowtwins.loss import (
 from barlowtwins.nn.distributed import global_sum, world_size
 
 
-class MixedImages(NamedTuple):
+@dataclass(frozen=True)
+class MixedImages:
     """Mixed images of a step and how they were mixed.
 
     Attributes:
@@ -53,7 +55,8 @@ class MixedImages(NamedTuple):
     permutation: Tensor
 
 
-class MixedLossTerms(NamedTuple):
+@dataclass(frozen=True)
+class MixedLossTerms:
     """The two terms of :class:`MixedBarlowTwinsLoss`, each already multiplied by ``scale_loss``.
 
     Attributes:
