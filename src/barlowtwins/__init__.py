@@ -13,6 +13,7 @@ from barlowtwins.heads import BarlowTwinsProjectionHead
 from barlowtwins.loss import BarlowTwinsLoss
 from barlowtwins.model import BarlowTwins
 from barlowtwins.optim import LARS, build_optimizer, build_warmup_cosine_scheduler
+from barlowtwins.runs import load_pretrained
 from barlowtwins.transforms import BarlowTwinsTransform, ViewConfig, barlow_twins_views
 
 __all__ = [
@@ -28,6 +29,7 @@ __all__ = [
     "build_backbone",
     "build_optimizer",
     "build_warmup_cosine_scheduler",
+    "load_pretrained",
 ]
 __version__ = "0.1.0"
 

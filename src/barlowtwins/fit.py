@@ -41,7 +41,7 @@ from barlowtwins.lightning_plugins import (
 )
 from barlowtwins.loss import cross_correlation
 from barlowtwins.module import BarlowTwinsModule
-from barlowtwins.report import score_encoders, write_plots
+from barlowtwins.report import describe_hardware, score_encoders, write_plots
 
 _log = logging.getLogger("barlowtwins")
 
@@ -144,6 +144,7 @@ def fit(config: FitConfig) -> dict[str, Any]:
     info = EncoderInfo.from_hparams(dict(module.hparams))
     save_encoder(module.backbone, info, output)
     results: dict[str, Any] = {"train_images": len(train), "skipped_images": train.num_skipped}
+    results["hardware"] = describe_hardware(trainer)
     scores, test_features = None, None
     if val is not None:
         scores, test_features = score_encoders(

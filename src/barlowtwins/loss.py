@@ -43,6 +43,9 @@ class BarlowTwinsLoss(nn.Module):
     and the ``D x D`` matrix ``c`` cross the network, with differentiable collectives (see
     :mod:`barlowtwins.distributed`).
 
+    After each call, ``last_terms`` holds the two detached terms of that loss,
+    ``(sum_i (1 - c_ii)^2, sum_{i != j} c_ij^2)`` (see :mod:`barlowtwins.health`).
+
     Args:
         lambda_param: Weight of the redundancy-reduction (off-diagonal) term. The paper's text
             gives 5e-3; its released code uses 0.0051.
@@ -60,6 +63,7 @@ class BarlowTwinsLoss(nn.Module):
             raise ValueError(f"lambda_param must be >= 0, got {lambda_param}")
         self.lambda_param = lambda_param
         self.gather_distributed = gather_distributed
+        self.last_terms: tuple[Tensor, Tensor] | None = None
 
     def forward(self, z_a: Tensor, z_b: Tensor) -> Tensor:
         """Compute the loss of two batches of embeddings of shape (batch, features)."""
@@ -72,7 +76,10 @@ class BarlowTwinsLoss(nn.Module):
             n = global_count(z_a.size(0), z_a.device) if ranks > 1 else z_a.size(0)
             _check_batch(n)
             a, b = _standardize(z_a, n, total), _standardize(z_b, n, total)
-            return _RedundancyReduction.apply(a, b, n, self.lambda_param, ranks)
+            terms: dict[str, Tensor] = {}
+            loss = _RedundancyReduction.apply(a, b, n, self.lambda_param, ranks, terms)
+            self.last_terms = (terms["on_diag"], terms["off_diag"])
+            return loss
 
 
 class _RedundancyReduction(torch.autograd.Function):
@@ -85,7 +92,13 @@ class _RedundancyReduction(torch.autograd.Function):
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: Any, a: Tensor, b: Tensor, n: int, lambda_param: float, ranks: int
+        ctx: Any,
+        a: Tensor,
+        b: Tensor,
+        n: int,
+        lambda_param: float,
+        ranks: int,
+        terms: dict[str, Tensor],
     ) -> Tensor:
         c = a.T @ b
         if ranks > 1:
@@ -96,6 +109,8 @@ class _RedundancyReduction(torch.autograd.Function):
         off_diag = _squared_norm(c) - c.diagonal().square().sum()
         ctx.save_for_backward(a, b)
         ctx.c, ctx.n, ctx.lambda_param, ctx.ranks = c, n, lambda_param, ranks
+        # The terms of this very loss, for health monitoring (no second evaluation).
+        terms["on_diag"], terms["off_diag"] = on_diag.detach(), off_diag.detach()
         return on_diag + lambda_param * off_diag
 
     @staticmethod
@@ -117,7 +132,7 @@ class _RedundancyReduction(torch.autograd.Function):
         grad_c.diagonal().copy_((diagonal - 1) * scale)
         grad_a = b @ grad_c.T if ctx.needs_input_grad[0] else None
         grad_b = a @ grad_c if ctx.needs_input_grad[1] else None
-        return grad_a, grad_b, None, None, None
+        return grad_a, grad_b, None, None, None, None
 
 
 def cross_correlation(z_a: Tensor, z_b: Tensor, *, gather_distributed: bool = False) -> Tensor:

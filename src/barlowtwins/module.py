@@ -10,6 +10,8 @@ from torch import Tensor, nn
 
 from barlowtwins.augment import BatchedBarlowTwinsAugment
 from barlowtwins.evaluation import knn_accuracy, prepare_images
+from barlowtwins.health import loss_terms, step_metrics
+from barlowtwins.lightning_plugins import TrainingHealth
 from barlowtwins.loss import BarlowTwinsLoss, NonFiniteLossError
 from barlowtwins.model import BarlowTwins
 from barlowtwins.optim import build_optimizer, build_warmup_cosine_scheduler
@@ -30,6 +32,12 @@ class BarlowTwinsModule(L.LightningModule):
 
     With two validation dataloaders (a labelled sample of the training data, then the test
     data) it logs the weighted-kNN accuracy ``val_knn_acc`` of the backbone features.
+
+    Every step also logs the loss's two terms, the loss per feature and the spread of the
+    embeddings (:func:`barlowtwins.health.step_metrics`); the
+    :class:`~barlowtwins.lightning_plugins.TrainingHealth` callback it brings along logs the
+    effective rank of held-out features per epoch and warns once if the run looks collapsed
+    or stalled.
 
     Args:
         backbone: Backbone name (see :func:`barlowtwins.backbones.build_backbone`).
@@ -110,9 +118,10 @@ class BarlowTwinsModule(L.LightningModule):
             views = (prepare_images(images, self.mean, self.std, self.hparams.image_size),)
         return [v.contiguous(memory_format=self._memory_format) for v in views], labels
 
-    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+    def training_step(self, batch: Any, batch_idx: int) -> dict[str, Any]:
         (view_a, view_b), _ = batch
-        loss = self.criterion(self.model(view_a), self.model(view_b))
+        z_a = self.model(view_a)
+        loss = self.criterion(z_a, self.model(view_b))
         if not torch.isfinite(loss):
             raise NonFiniteLossError(
                 f"loss became {loss.item()} at step {self.global_step}; lower the learning "
@@ -120,7 +129,24 @@ class BarlowTwinsModule(L.LightningModule):
             )
         # The loss is already the global one on every rank: no sync_dist needed.
         self.log("train_loss", loss, prog_bar=True, on_step=True, on_epoch=True)
-        return loss
+        # The terms the loss itself summed (no second evaluation), detached.
+        health = step_metrics(loss_terms(self.criterion, z_a.shape[1]), z_a)
+        self.log_dict(health, on_step=True, on_epoch=False)
+        return {"loss": loss, "health": health}
+
+    def configure_callbacks(self) -> list[L.Callback]:
+        return [TrainingHealth()]
+
+    @torch.no_grad()
+    def held_out_features(self, images: Tensor) -> Tensor:
+        """Backbone features of uint8 images, pre-processed as for validation, in eval mode."""
+        was_training = self.training
+        self.eval()
+        try:
+            x = prepare_images(images.to(self.device), self.mean, self.std, self.hparams.image_size)
+            return self.model.features(x.contiguous(memory_format=self._memory_format)).float()
+        finally:
+            self.train(was_training)
 
     def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
         (images,), labels = batch
