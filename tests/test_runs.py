@@ -74,7 +74,10 @@ def test_backbone_file_has_no_projector(run: Path) -> None:
         (lambda d: d / "missing.pt", "checkpoint not found"),
         (lambda d: _write(d / "x.safetensors", b"not safetensors"), "cannot read"),
         (lambda d: _plain_safetensors(d / "plain.safetensors"), "not written by `barlowtwins"),
-        (lambda d: _write(d / "backbone.pt", b"this is not a checkpoint"), "cannot read checkpoint"),
+        (
+            lambda d: _write(d / "backbone.pt", b"this is not a checkpoint"),
+            "cannot read checkpoint",
+        ),
     ],
 )
 def test_what_is_not_a_run_is_one_clear_error(tmp_path: Path, make, message: str) -> None:  # type: ignore[no-untyped-def]

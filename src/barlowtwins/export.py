@@ -712,7 +712,7 @@ def _loading_section(run: Run, encoder: nn.Module, head: LinearHead | None) -> l
     ]
     if timm_name(run) is not None:
         lines += [
-            "timm also reads this folder itself:",
+            "timm also reads this folder itself (its `local-dir:` source, timm 1.0.31):",
             "",
             "```python",
             "import timm",

@@ -172,11 +172,11 @@ class TrainingHealth(Callback):
             return
         if self.initial_effective_rank is None:
             self.initial_effective_rank = self._rank(pl_module)
-            # Logged straight to the loggers: Lightning's self.log is not open at train start.
+            # Logged straight to the loggers (Lightning's self.log is not open at train start),
+            # with the epoch column that Lightning's own rows carry.
+            metrics = {EFFECTIVE_RANK: self.initial_effective_rank, "epoch": trainer.current_epoch}
             for logger in trainer.loggers:
-                logger.log_metrics(
-                    {EFFECTIVE_RANK: self.initial_effective_rank}, step=trainer.global_step
-                )
+                logger.log_metrics(metrics, step=trainer.global_step)
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._sums, self._steps = None, 0

@@ -174,7 +174,7 @@ def plot_health(metrics_csv: Path, out: Path, embedding_dim: int | None = None) 
 
     steps, rank = series(health.EFFECTIVE_RANK)
     rank_axes.plot(steps, rank, marker="o", color="C3")
-    rank_axes.set_ylim(bottom=0)
+    rank_axes.set_ylim(0, 1.1 * max([*rank.tolist(), 1.0]))
     rank_axes.set_xlabel("step")
     rank_axes.set_title("Effective rank, held-out backbone features")
     rank_axes.grid(alpha=0.3)
