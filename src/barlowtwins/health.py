@@ -97,10 +97,10 @@ def independent_features_terms(
         invariance ~ D (1 + 1 / (N - 1))        ~ D
         redundancy ~ D (D - 1) / (N - 1)        ~ D^2 / N
 
-    so the loss starts near ``D + lambda D^2 / N``: 1034 for ``fit``'s D = 1024, N = 512,
-    lambda = 5e-3, and 9503 for the paper's D = 8192, N = 256 per process... the range users
-    see. Real networks start elsewhere (views of one image are correlated, random features are
-    redundant); ``docs/is_it_working.md`` compares with measured runs.
+    so the loss starts near ``D + lambda D^2 / N``: 1036 for ``fit``'s D = 1024, N = 512,
+    lambda = 5e-3, and 9540 for D = 8192, N = 256 (8360 at N = 2048). Real networks start
+    elsewhere (views of one image are correlated, random features are redundant);
+    ``docs/is_it_working.md`` compares with measured runs.
 
     Args:
         num_features: ``D``, the embedding size.
