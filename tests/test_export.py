@@ -123,6 +123,29 @@ def test_timm_reads_the_hf_folder_offline(
     assert tuple(model.pretrained_cfg["mean"]) == (0.5,)
 
 
+@pytest.mark.parametrize("name", ["resnet18", "resnet34", "resnet50"])
+def test_timm_builds_the_standard_torchvision_resnets_with_the_same_keys(name: str) -> None:
+    import timm
+
+    ours, _ = build_backbone(name, in_channels=1)
+    theirs = timm.create_model(name, pretrained=False, num_classes=0, in_chans=1)
+    shapes = {key: tuple(value.shape) for key, value in ours.state_dict().items()}
+    assert shapes == {key: tuple(value.shape) for key, value in theirs.state_dict().items()}
+
+
+def test_timm_reads_the_hf_folder_of_a_torchvision_resnet18(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    timm = pytest.importorskip("timm")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    torch.manual_seed(0)
+    backbone, _ = build_backbone("resnet18", in_channels=3)
+    save_encoder(backbone, EncoderInfo("resnet18", 3, False, 32, (0.5,) * 3, (0.25,) * 3), tmp_path)
+    _export(tmp_path, "hf", tmp_path / "hf")
+    model = timm.create_model(f"local-dir:{tmp_path / 'hf'}", pretrained=True)
+    _same_outputs(model, barlowtwins.load_pretrained(tmp_path), (3, 32, 32))
+
+
 def test_onnx_matches_pytorch_with_a_dynamic_batch(run: Path, tmp_path: Path) -> None:
     onnx = pytest.importorskip("onnx")
     onnxruntime = pytest.importorskip("onnxruntime")

@@ -146,15 +146,18 @@ def _replace_folder(output: Path, write: Callable[[Path], None]) -> None:
     try:
         write(tmp)
         os.chmod(tmp, 0o777 & ~_umask())
-        if output.exists():
-            old = Path(
-                tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.", suffix=".old")
-            )
-            os.replace(output, old / output.name)
+        if not output.exists():
             os.replace(tmp, output)
-            shutil.rmtree(old)
-        else:
+            return
+        old = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.", suffix=".old"))
+        os.replace(output, old / output.name)
+        try:
             os.replace(tmp, output)
+        except OSError:
+            os.replace(old / output.name, output)  # put the previous export back
+            raise
+        finally:
+            shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

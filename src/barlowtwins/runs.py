@@ -439,21 +439,25 @@ def load_pretrained(path: str | Path, *, with_head: bool = False) -> nn.Module:
     """
     run = load_run(path)
     encoder = run.encoder()
-    labels: tuple[str, ...] | None = None
-    if with_head:
-        head = run.matching_head()
+    head = run.matching_head() if with_head else None
+    if head is not None:
         attach_head(encoder, head)
-        labels = head.classes
-    cfg = dict(getattr(encoder, "pretrained_cfg", None) or {})
-    cfg.update(
-        architecture=run.info.backbone,
-        input_size=(run.info.in_channels, run.info.image_size, run.info.image_size),
-        mean=run.info.mean,
-        std=run.info.std,
-        num_classes=run.head.num_classes if with_head and run.head else 0,
-    )
-    if labels:
-        cfg["label_names"] = list(labels)
+    # timm's pretrained_cfg layout (what timm.data.resolve_data_config reads); the source
+    # fields of a timm architecture's default config (its hub id, ImageNet licence) would be
+    # wrong here, so the dict is built anew.
+    cfg: dict[str, Any] = {
+        "architecture": run.info.backbone,
+        "input_size": (run.info.in_channels, run.info.image_size, run.info.image_size),
+        "interpolation": "bilinear",
+        "crop_pct": 1.0,
+        "crop_mode": "center",
+        "mean": run.info.mean,
+        "std": run.info.std,
+        "num_classes": head.num_classes if head is not None else 0,
+        "classifier": classifier_name(encoder),
+    }
+    if head is not None and head.classes:
+        cfg["label_names"] = list(head.classes)
     encoder.pretrained_cfg = cfg
     return encoder
 
