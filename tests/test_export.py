@@ -89,6 +89,7 @@ def test_safetensors_with_head_is_a_torchvision_classifier(run: Path, tmp_path: 
     with safe_open(out, framework="pt") as handle:
         header = handle.metadata()
     assert header["num_classes"] == "10" and header["classifier"] == "fc"
+    assert header["feature_dim"] == "512"
     assert json.loads(header["classes"])[0] == "T-shirt/top"
     model = _build(header["build"])
     model.load_state_dict(load_file(out), strict=True)
@@ -200,6 +201,19 @@ def test_hf_folder_loads_offline_and_carries_a_model_card(
     assert "projector_dims:" in text  # the run's config.yaml
     assert results["hardware"]["device"] in text
     assert "![health](plots/health.png)" in text
+
+
+def test_hf_folder_with_head_describes_the_classifier(run: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "hf"
+    _export(run, "hf", folder, "--with-head")
+    config = json.loads((folder / "config.json").read_text())
+    assert (config["num_features"], config["num_classes"]) == (512, 10)
+    assert config["label_names"][-1] == "Ankle boot"
+    classifier = barlowtwins.load_pretrained(folder, with_head=True)
+    _same_outputs(classifier, barlowtwins.load_pretrained(run, with_head=True), (1, 28, 28))
+    model = _build(config["barlowtwins"]["build"])
+    model.load_state_dict(load_file(folder / "model.safetensors"), strict=True)
+    _same_outputs(model, classifier, (1, 28, 28))
 
 
 def test_full_rebuilds_barlow_twins(run: Path, tmp_path: Path) -> None:

@@ -24,12 +24,14 @@ failed export leaves nothing half-written.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
+import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -326,7 +328,7 @@ def _write_onnx(run: Run, head: LinearHead | None, target: Path) -> None:
     size, channels = run.info.image_size, run.info.in_channels
     example = torch.rand(2, channels, size, size, generator=torch.Generator().manual_seed(0))
     output_name = "logits" if head is not None else "features"
-    with torch.no_grad():
+    with torch.no_grad(), _quiet("onnxscript", "onnx_ir"):
         program = torch.onnx.export(
             graph,
             (example,),
@@ -352,6 +354,20 @@ def _write_onnx(run: Run, head: LinearHead | None, target: Path) -> None:
         entry.key, entry.value = key, value
     onnx.save(model, target)
     _check_onnx(target, graph, example)
+
+
+@contextlib.contextmanager
+def _quiet(*names: str) -> Iterator[None]:
+    """Hide the INFO lines the ONNX graph optimiser logs for every pass it runs."""
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
 
 
 def _check_onnx(path: Path, graph: nn.Module, example: Tensor) -> None:
@@ -421,9 +437,7 @@ def _json_value(text: str) -> Any:
 
 def _write_hf(run: Run, head: LinearHead | None, folder: Path) -> None:
     atomic_write(folder / HF_WEIGHTS, lambda tmp: _write_safetensors(run, head, tmp))
-    encoder = run.encoder()
-    if head is not None:
-        attach_head(encoder, head)
+    encoder = run.encoder()  # without the head: its features describe the backbone
     (folder / HF_CONFIG).write_text(json.dumps(hf_config(run, encoder, head), indent=2) + "\n")
     plots: list[str] = []
     if run.directory is not None and (run.directory / _PLOTS).is_dir():
