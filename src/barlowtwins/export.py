@@ -475,6 +475,9 @@ def model_card(run: Run, encoder: nn.Module, head: LinearHead | None, plots: lis
     config = _read_yaml(directory / "config.yaml") if directory else None
     results = _read_json(directory / "results.json") if directory else None
     evaluation = _read_json(directory / EVALUATION_RESULTS) if directory else None
+    if evaluation is not None and "results" not in evaluation:
+        # `evaluate --json RUN/evaluation.json` writes the results alone.
+        evaluation = {"results": evaluation, "protocol": {}}
     data = str(config.get("data", "")) if config else ""
     fashion = data.split(":")[0] == "fashion-mnist"
     dataset_name = "Fashion-MNIST" if fashion else (data or "unrecorded data")
@@ -627,19 +630,20 @@ def _results_section(
         ]
         lines.append("")
     if evaluation:
-        protocol = evaluation.get("protocol", {})
-        lines += [
-            "`barlowtwins evaluate` (train data "
-            f"`{protocol.get('train')}`, test data `{protocol.get('test')}`):",
-            "",
-            "| metric | value |",
-            "|---|---:|",
-        ]
+        protocol = evaluation.get("protocol") or {}
+        where = (
+            f" (train data `{protocol.get('train')}`, test data `{protocol.get('test')}`)"
+            if protocol
+            else " (its protocol was not recorded)"
+        )
+        lines += [f"`barlowtwins evaluate`{where}:", "", "| metric | value |", "|---|---:|"]
         lines += [
             f"| {name} | {value:.2f} |" if isinstance(value, float) else f"| {name} | {value} |"
             for name, value in evaluation.get("results", {}).items()
         ]
-        lines += ["", "Protocol: `" + json.dumps(protocol) + "`", ""]
+        lines.append("")
+        if protocol:
+            lines += ["Protocol: `" + json.dumps(protocol) + "`", ""]
     if not knn and not evaluation:
         lines += ["No accuracy was measured for this run.", ""]
     return lines
