@@ -94,10 +94,17 @@ def _resolve_short_name(
         return None
     target = node["reftarget"].lstrip("~.")
     domain: Any = env.get_domain("py")
+    # A re-exported name (``barlowtwins.data.load_data``) is documented where it is defined
+    # (``barlowtwins.data.sources.load_data``): search below its package for its last part.
+    package, _, short = target.rpartition(".")
+    if package.startswith("barlowtwins"):
+        prefix, suffix = package + ".", "." + short
+    else:
+        prefix, suffix = "barlowtwins.", "." + target
     matches = [
         (name, obj)
         for name, obj in domain.objects.items()
-        if name.startswith("barlowtwins.") and name.endswith("." + target)
+        if name.startswith(prefix) and name.endswith(suffix)
     ]
     if len(matches) != 1:
         return None

@@ -61,7 +61,13 @@ def test_fit_writes_everything(fitted: Path) -> None:
     ):
         assert (fitted / name).is_file(), name
     plots = sorted(p.name for p in (fitted / "plots").glob("*.png"))
-    assert plots == ["cross_correlation.png", "embedding_tsne.png", "knn_accuracy.png", "loss.png"]
+    assert plots == [
+        "cross_correlation.png",
+        "embedding_tsne.png",
+        "health.png",
+        "knn_accuracy.png",
+        "loss.png",
+    ]
     results = json.loads((fitted / "results.json").read_text())
     for name in ("barlow twins", "random init", "raw pixels"):
         assert 10.0 < results["knn"][name] <= 100.0

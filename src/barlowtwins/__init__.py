@@ -31,6 +31,7 @@ __all__ = [
     "build_backbone",
     "build_optimizer",
     "build_warmup_cosine_scheduler",
+    "load_pretrained",
 ]
 __version__ = "0.1.0"
 
@@ -41,4 +42,9 @@ def __getattr__(name: str) -> Any:
         from barlowtwins.training.module import BarlowTwinsModule
 
         return BarlowTwinsModule
+    if name == "load_pretrained":
+        # The loader of runs and exports is the application's; only import it when asked.
+        from barlowtwins.app.runs import load_pretrained
+
+        return load_pretrained
     raise AttributeError(f"module 'barlowtwins' has no attribute {name!r}")

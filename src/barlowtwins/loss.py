@@ -61,6 +61,9 @@ class BarlowTwinsLoss(nn.Module):
     and the ``D x D`` matrix ``c`` cross the network, with differentiable collectives (see
     :mod:`barlowtwins.nn.distributed`).
 
+    After each call, ``last_terms`` holds the two detached terms of that loss,
+    ``(sum_i (1 - c_ii)^2, sum_{i != j} c_ij^2)`` (see :mod:`barlowtwins.health`).
+
     Args:
         lambda_param: Weight of the redundancy-reduction (off-diagonal) term. The paper's text
             gives 5e-3; its released code uses 0.0051.
@@ -94,6 +97,7 @@ class BarlowTwinsLoss(nn.Module):
         self.lambda_param = lambda_param
         self.gather_distributed = gather_distributed
         self.scale_loss = scale_loss
+        self.last_terms: tuple[Tensor, Tensor] | None = None
 
     def forward(self, z_a: Tensor, z_b: Tensor) -> Tensor:
         """Compute the loss of two batches of embeddings of shape (batch, features)."""
@@ -105,9 +109,11 @@ class BarlowTwinsLoss(nn.Module):
             n = global_count(z_a.size(0), z_a.device) if ranks > 1 else z_a.size(0)
             _check_batch(n)
             (a, var_a), (b, var_b) = _standardize(z_a, n, total), _standardize(z_b, n, total)
+            terms: dict[str, Tensor] = {}
             loss = _RedundancyReduction.apply(
-                a, b, var_a.detach(), var_b.detach(), n, self.lambda_param, ranks
+                a, b, var_a.detach(), var_b.detach(), n, self.lambda_param, ranks, terms
             )
+            self.last_terms = (terms["on_diag"], terms["off_diag"])
             return loss if self.scale_loss == 1 else loss * self.scale_loss
 
 
@@ -137,6 +143,7 @@ class _RedundancyReduction(torch.autograd.Function):
         n: int,
         lambda_param: float,
         ranks: int,
+        terms: dict[str, Tensor] | None = None,
     ) -> Tensor:
         # torch's float32 sum over the batch is accurate here (1.9e-7 per feature at most, at
         # B = 256..2048); a float64 sum would cast a B x D copy and take 4-14x as long.
@@ -153,6 +160,11 @@ class _RedundancyReduction(torch.autograd.Function):
         on_diag = one_minus_diagonal.square().sum()
         # ||c||^2 - ||diag(c)||^2: no D x D mask or temporary beyond c itself.
         off_diag = _sum_of_squares(c) - c.diagonal().to(torch.float64).square().sum()
+        if terms is not None:
+            # In the dtype of the loss, like the value returned.
+            terms["on_diag"], terms["off_diag"] = (
+                t.detach().to(c.dtype) for t in (on_diag, off_diag)
+            )
         ctx.save_for_backward(a, b)
         ctx.c, ctx.one_minus_diagonal = c, one_minus_diagonal.to(c.dtype)
         ctx.n, ctx.lambda_param, ctx.ranks = n, lambda_param, ranks
@@ -183,7 +195,7 @@ class _RedundancyReduction(torch.autograd.Function):
             factor = scale
         grad_a = (b @ grad_c.T).mul_(factor) if ctx.needs_input_grad[0] else None
         grad_b = (a @ grad_c).mul_(factor) if ctx.needs_input_grad[1] else None
-        return grad_a, grad_b, None, None, None, None, None
+        return grad_a, grad_b, None, None, None, None, None, None
 
 
 def cross_correlation(z_a: Tensor, z_b: Tensor, *, gather_distributed: bool = False) -> Tensor:

@@ -237,6 +237,8 @@ class MixedBarlowTwinsLoss(nn.Module):
         self.mix_weight = mix_weight
         self.gather_distributed = gather_distributed
         self.scale_loss = scale_loss
+        # The Barlow Twins terms of the last call, as BarlowTwinsLoss keeps them (health).
+        self.last_terms: tuple[Tensor, Tensor] | None = None
 
     def forward(
         self, z_a: Tensor, z_b: Tensor, z_mixed: Tensor, alpha: float, permutation: Tensor
@@ -285,9 +287,11 @@ class MixedBarlowTwinsLoss(nn.Module):
             keep_grads = torch.is_grad_enabled() and residual.requires_grad
             mixed = _LinearityResidual.apply(residual, a, b, n, ranks, keep_grads)
             mixed = mixed * (weight * self.scale_loss)
+            terms: dict[str, Tensor] = {}
             barlow_twins = _RedundancyReduction.apply(
-                a, b, var_a.detach(), var_b.detach(), n, self.lambda_param, ranks
+                a, b, var_a.detach(), var_b.detach(), n, self.lambda_param, ranks, terms
             )
+            self.last_terms = (terms["on_diag"], terms["off_diag"])
             if self.scale_loss != 1:
                 barlow_twins = barlow_twins * self.scale_loss
             return MixedLossTerms(barlow_twins, mixed)

@@ -1,4 +1,4 @@
-"""The ``barlowtwins`` command: ``fit``, ``embed``, ``evaluate`` and ``recipes``."""
+"""The ``barlowtwins`` command: ``fit``, ``embed``, ``evaluate``, ``export`` and ``recipes``."""
 
 from __future__ import annotations
 
@@ -15,7 +15,9 @@ from typing import Any, get_args, get_origin
 import yaml
 
 from barlowtwins.app.config import ConfigError, FitConfig, load_fit_config
+from barlowtwins.app.export import FORMATS
 from barlowtwins.app.recipes import DEFAULT_RECIPE, HYPERPARAMETERS, RECIPES
+from barlowtwins.app.runs import HEAD_WEIGHTS, RUN_SOURCES
 from barlowtwins.loss import NonFiniteLossError
 from barlowtwins.nn.distributed import DistributedJobError
 from barlowtwins.training.checkpoint import CheckpointError
@@ -111,23 +113,52 @@ def build_parser() -> argparse.ArgumentParser:
     recipes.set_defaults(run=_run_recipes)
 
     embed = commands.add_parser("embed", help="write backbone features of images to .npz")
-    embed.add_argument("checkpoint", type=Path, help="backbone.pt, a .ckpt or a fit output dir")
+    embed.add_argument("checkpoint", type=Path, help=RUN_SOURCES)
     embed.add_argument("--data", required=True, help="fashion-mnist[:train|:test] or a folder")
     embed.add_argument("--output", type=Path, required=True, help="the .npz file to write")
     _add_inference_arguments(embed)
     embed.set_defaults(run=_run_embed)
 
     evaluate = commands.add_parser("evaluate", help="kNN / linear-probe accuracy of an encoder")
-    evaluate.add_argument("checkpoint", type=Path, help="backbone.pt, a .ckpt or a fit output dir")
+    evaluate.add_argument("checkpoint", type=Path, help=RUN_SOURCES)
     evaluate.add_argument("--train", default="fashion-mnist:train", help="labelled train data")
     evaluate.add_argument("--test", default="fashion-mnist:test", help="labelled test data")
     evaluate.add_argument("--knn-k", type=int, default=200, help="neighbours of the kNN vote")
     evaluate.add_argument("--knn-temperature", type=float, default=0.1)
     evaluate.add_argument("--linear", action="store_true", help="also train a linear probe")
     evaluate.add_argument("--linear-epochs", type=int, default=100)
+    evaluate.add_argument(
+        "--save-head",
+        action="store_true",
+        help="with --linear: save the probe's classifier and these results into the run folder "
+        "(linear_head.safetensors, evaluation.json) for export --with-head and the model card",
+    )
     evaluate.add_argument("--json", type=Path, help="also write the results as JSON")
     _add_inference_arguments(evaluate)
     evaluate.set_defaults(run=_run_evaluate)
+
+    export = commands.add_parser(
+        "export",
+        help="write the encoder as safetensors, ONNX, a Hugging Face folder or the full model",
+        description="Formats: "
+        + "; ".join(f"{name}: {text}" for name, text in FORMATS.items())
+        + ".",
+    )
+    export.add_argument("source", type=Path, metavar="RUN", help=RUN_SOURCES)
+    export.add_argument(
+        "--format", required=True, metavar="FORMAT", help="one of: " + ", ".join(FORMATS)
+    )
+    export.add_argument(
+        "--output", type=Path, required=True, help="the file (a folder for hf) to write"
+    )
+    export.add_argument(
+        "--with-head",
+        action="store_true",
+        help="include the linear head saved by `evaluate --linear --save-head` as the "
+        "model's classifier (safetensors, onnx, hf)",
+    )
+    export.add_argument("--force", action="store_true", help="replace an existing output")
+    export.set_defaults(run=_run_export)
     return parser
 
 
@@ -226,6 +257,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         knn_temperature=args.knn_temperature,
         linear=args.linear,
         linear_epochs=args.linear_epochs,
+        save_linear_head=args.save_head,
         data_dir=args.data_dir,
         download=args.download,
         max_samples=args.max_samples,
@@ -242,6 +274,18 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         )
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
+    if args.save_head:
+        print(f"saved the linear head into the run folder ({HEAD_WEIGHTS}, evaluation.json)")
+    return 0
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from barlowtwins.app.export import export
+
+    output = export(
+        args.source, args.format, args.output, with_head=args.with_head, force=args.force
+    )
+    print(f"wrote {output} ({args.format})")
     return 0
 
 

@@ -23,7 +23,7 @@ from lightning.pytorch.loggers import CSVLogger, Logger
 
 from barlowtwins.app.config import ConfigError, FitConfig
 from barlowtwins.app.launch import run_training
-from barlowtwins.app.report import score_encoders, write_plots
+from barlowtwins.app.report import describe_hardware, score_encoders, write_plots
 from barlowtwins.data import ImageDataset, InMemoryImages, load_data
 from barlowtwins.loss import cross_correlation
 from barlowtwins.training.callbacks import (
@@ -295,6 +295,7 @@ def finish(run: PreparedRun, *, started: float, training_minutes: float) -> dict
     results: dict[str, Any] = {
         "train_images": len(run.train),
         "skipped_images": run.train.num_skipped,
+        "hardware": describe_hardware(run.trainer),
     }
     scores, test_features = None, None
     if run.val is not None:

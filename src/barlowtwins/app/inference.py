@@ -7,9 +7,10 @@ from typing import Any
 
 import torch
 
+from barlowtwins.app.runs import LinearHead, fingerprint, load_run, save_head
 from barlowtwins.data import DataError, ImageDataset, load_data
 from barlowtwins.evaluation import extract_features, knn_accuracy, linear_probe
-from barlowtwins.training.checkpoint import EncoderInfo, load_encoder
+from barlowtwins.training.checkpoint import EncoderInfo
 
 
 def _device(requested: str | None) -> torch.device:
@@ -48,8 +49,12 @@ def encode(
     device: str | None = None,
     **data_options: Any,
 ) -> tuple[torch.Tensor, ImageDataset]:
-    """Backbone features (N x F, float32) of every image of ``data``, and the dataset."""
-    backbone, info = load_encoder(checkpoint)
+    """Backbone features (N x F, float32) of every image of ``data``, and the dataset.
+
+    ``checkpoint`` is anything :func:`barlowtwins.app.runs.load_run` reads.
+    """
+    run = load_run(checkpoint)
+    backbone, info = run.encoder(), run.info
     target = _device(device)
     dataset = _load(data, info, **data_options)
     backbone.to(target, memory_format=torch.channels_last)
@@ -65,12 +70,37 @@ def evaluate_encoder(
     knn_temperature: float = 0.1,
     linear: bool = False,
     linear_epochs: int = 100,
+    save_linear_head: bool = False,
     batch_size: int = 512,
     device: str | None = None,
     **data_options: Any,
 ) -> dict[str, Any]:
-    """kNN (and optionally linear-probe) test accuracy of a frozen pretrained encoder."""
-    backbone, info = load_encoder(checkpoint)
+    """kNN (and optionally linear-probe) test accuracy of a frozen pretrained encoder.
+
+    Args:
+        checkpoint: Anything :func:`barlowtwins.app.runs.load_run` reads.
+        train: Labelled data the kNN bank and the probe are fitted on.
+        test: Labelled data they are scored on.
+        knn_k: Neighbours of the weighted kNN vote.
+        knn_temperature: Temperature of the vote.
+        linear: Also train and score a linear probe.
+        linear_epochs: Epochs of the probe.
+        save_linear_head: Write the probe's classifier (``linear_head.safetensors``) and these
+            results with their protocol (``evaluation.json``) into the run folder, for
+            ``barlowtwins export --with-head``. Needs ``linear``.
+        batch_size: Images per forward pass.
+        device: Where the encoder runs (default: CUDA when available).
+        **data_options: Passed to :func:`barlowtwins.data.load_data`.
+
+    Returns:
+        Image counts and accuracies (percent).
+    """
+    run = load_run(checkpoint)
+    if save_linear_head and not linear:
+        raise ValueError("--save-head saves the linear probe's head: add --linear")
+    if save_linear_head and run.directory is None:
+        raise ValueError(f"--save-head needs a run folder to save into; {checkpoint} is in none")
+    backbone, info = run.encoder(), run.info
     target = _device(device)
     backbone.to(target, memory_format=torch.channels_last)
     train_data = _load(train, info, **data_options)
@@ -104,4 +134,25 @@ def evaluate_encoder(
             epochs=linear_epochs,
         )
         results["linear probe top-1 %"] = probe.test_accuracy
+        if save_linear_head:
+            assert run.directory is not None  # checked above, before the work
+            head = LinearHead(
+                weight=probe.classifier.weight.detach().cpu(),
+                bias=probe.classifier.bias.detach().cpu(),
+                classes=tuple(train_data.classes) if train_data.classes else None,
+                backbone_sha256=fingerprint(run.backbone_state),
+            )
+            protocol = {
+                "train": train,
+                "test": test,
+                "max_samples": data_options.get("max_samples"),
+                "knn": {"k": knn_k, "temperature": knn_temperature, "similarity": "cosine"},
+                "linear_probe": {
+                    "epochs": linear_epochs,
+                    "recipe": "barlowtwins.evaluation.linear_probe: one nn.Linear on frozen "
+                    "features standardised with the training statistics, cross-entropy, AdamW "
+                    "with cosine decay to 0",
+                },
+            }
+            save_head(run.directory, head, {"results": results, "protocol": protocol})
     return results

@@ -1,8 +1,9 @@
-"""The end of ``fit``: test kNN accuracy against the baselines, and the plots."""
+"""The end of ``fit``: test kNN accuracy against the baselines, the hardware, the plots."""
 
 from __future__ import annotations
 
 import logging
+import platform
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -119,8 +120,10 @@ def write_plots(
         if scores
         else None
     )
+    embedding_dim = None if cross_correlation is None else int(cross_correlation.shape[0])
     jobs: list[tuple[str, Any]] = [
         ("loss.png", lambda out: plots.plot_loss(metrics, out)),
+        ("health.png", lambda out: plots.plot_health(metrics, out, embedding_dim)),
         ("knn_accuracy.png", lambda out: plots.plot_knn_accuracy(metrics, out, baselines)),
     ]
     if cross_correlation is not None:
@@ -151,3 +154,30 @@ def write_plots(
         except (ValueError, OSError) as error:
             _log.warning("skipped plot %s: %s", name, error)
     return written
+
+
+def describe_hardware(trainer: Any) -> dict[str, Any]:
+    """What a Lightning ``Trainer`` trained on, for ``results.json`` and the model card."""
+    device = trainer.strategy.root_device
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = _cpu_name() + f", {torch.get_num_threads()} threads"
+    return {
+        "device": name,
+        "accelerator": device.type,
+        "devices": int(trainer.num_devices),
+        "num_nodes": int(trainer.num_nodes),
+        "precision": str(trainer.precision),
+        "torch": torch.__version__,
+    }
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"

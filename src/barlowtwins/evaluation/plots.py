@@ -1,4 +1,5 @@
-"""PNG figures of a Barlow Twins run: loss, kNN accuracy, cross-correlation matrix, t-SNE.
+"""PNG figures of a Barlow Twins run: loss, training health, kNN accuracy, cross-correlation
+matrix, t-SNE.
 
 Figures are drawn on matplotlib ``Figure`` objects with the Agg canvas directly instead of
 through ``pyplot``, so no display is needed, no global backend is switched, and no figure is
@@ -18,6 +19,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from torch import Tensor
+
+from barlowtwins import health
 
 _DPI = 100
 _LOSS_COLUMNS_STEP = ("train_loss_step", "train_loss")
@@ -101,6 +104,80 @@ def plot_loss(metrics_csv: Path, out: Path) -> Path:
     axes.set_title("Training loss")
     axes.grid(alpha=0.3)
     axes.legend()
+    return _save(figure, out)
+
+
+def plot_health(metrics_csv: Path, out: Path, embedding_dim: int | None = None) -> Path:
+    """Plot the training-health metrics of :mod:`barlowtwins.health` against the step.
+
+    Three panels: the loss per feature with its invariance and weighted redundancy terms per
+    feature (log scale); the embeddings' spread ``train_embedding_std`` with the healthy
+    ``1 / sqrt(D)`` as a dashed line when ``embedding_dim`` is given; the effective rank of
+    held-out backbone features (at the start and after each epoch).
+
+    Args:
+        metrics_csv: A Lightning ``CSVLogger`` ``metrics.csv`` with a ``step`` column and the
+            columns named in :mod:`barlowtwins.health`.
+        out: Where to write the PNG.
+        embedding_dim: ``D``, the projector's output size, for the reference line.
+
+    Returns:
+        ``out``.
+
+    Raises:
+        ValueError: If the file has no rows, no ``step`` column, or no logged health metric.
+    """
+    columns = _read_metrics(metrics_csv)
+    names = (health.LOSS_PER_FEATURE, health.EMBEDDING_STD, health.EFFECTIVE_RANK)
+    if "step" not in columns or not any(
+        name in columns and (~np.isnan(columns[name])).any() for name in names
+    ):
+        raise ValueError(
+            f"{metrics_csv} logs no training-health metric; expected a 'step' column and one "
+            f"of {list(names)} with values"
+        )
+
+    def series(name: str) -> tuple[np.ndarray, np.ndarray]:
+        if name not in columns:
+            return np.array([]), np.array([])
+        return _logged(columns, name, "step")
+
+    figure = _new_figure(13.0, 4.2)
+    loss_axes, spread_axes, rank_axes = figure.subplots(1, 3)
+    steps, per_feature = series(health.LOSS_PER_FEATURE)
+    loss_axes.plot(steps, per_feature, label="loss / D", color="black")
+    _, invariance = series(health.INVARIANCE)
+    _, redundancy = series(health.WEIGHTED_REDUNDANCY)
+    if embedding_dim and len(invariance) == len(steps) and len(redundancy) == len(steps):
+        loss_axes.plot(steps, invariance / embedding_dim, label="invariance / D")
+        loss_axes.plot(steps, redundancy / embedding_dim, label="lambda x redundancy / D")
+    if len(steps):
+        loss_axes.set_yscale("log")
+    loss_axes.set_xlabel("step")
+    loss_axes.set_title("Loss per feature (1 = independent views)")
+    loss_axes.grid(alpha=0.3, which="both")
+    loss_axes.legend()
+
+    steps, spread = series(health.EMBEDDING_STD)
+    spread_axes.plot(steps, spread, color="C2", label="per-feature std, l2-normalised")
+    if embedding_dim:
+        healthy = 1 / math.sqrt(embedding_dim)
+        spread_axes.axhline(
+            healthy, linestyle="--", color="grey", label=f"1/sqrt(D) = {healthy:.4f}"
+        )
+    top = max([*spread.tolist(), 1 / math.sqrt(embedding_dim) if embedding_dim else 0.0, 1e-6])
+    spread_axes.set_ylim(0, 1.15 * top)
+    spread_axes.set_xlabel("step")
+    spread_axes.set_title("Embedding spread (0 = collapsed)")
+    spread_axes.grid(alpha=0.3)
+    spread_axes.legend()
+
+    steps, rank = series(health.EFFECTIVE_RANK)
+    rank_axes.plot(steps, rank, marker="o", color="C3")
+    rank_axes.set_ylim(0, 1.1 * max([*rank.tolist(), 1.0]))
+    rank_axes.set_xlabel("step")
+    rank_axes.set_title("Effective rank, held-out backbone features")
+    rank_axes.grid(alpha=0.3)
     return _save(figure, out)
 
 

@@ -1,9 +1,11 @@
 """Lightning plugins and callbacks: exact batch norm sync on any device, crash-safe and
-safe-to-load checkpoints, a checkpoint on preemption."""
+safe-to-load checkpoints, a checkpoint on preemption, training health."""
 
 from __future__ import annotations
 
+import logging
 import random
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +17,20 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import nn
 
+from barlowtwins.health import (
+    EFFECTIVE_RANK,
+    EMBEDDING_STD,
+    INITIAL_STEPS,
+    INVARIANCE,
+    REDUNDANCY,
+    EpochHealth,
+    diagnose,
+    effective_rank,
+)
 from barlowtwins.nn.distributed import revert_global_batchnorm, sync_batchnorm
 from barlowtwins.training.checkpoint import atomic_write, safe_load
+
+_log = logging.getLogger("barlowtwins")
 
 
 class GlobalBatchNormSync(LayerSync):
@@ -106,3 +120,130 @@ class ProgressBar(TQDMProgressBar):
         metrics = super().get_metrics(trainer, pl_module)
         metrics.pop("v_num", None)
         return metrics
+
+
+class TrainingHealth(Callback):
+    """Effective rank of held-out features per epoch, and a warning if the run looks broken.
+
+    At the start of training and after every epoch, the backbone features of the first
+    ``held_out_images`` images of the kNN monitor's query data (held out from training; the
+    training data when there is none) give :func:`barlowtwins.health.effective_rank`, logged
+    as ``effective_rank``. With the epoch's mean loss terms and embedding spread, which the
+    module's ``training_step`` returns under ``"health"``, they go through
+    :func:`barlowtwins.health.diagnose`; each kind of problem it finds is logged once per run,
+    as a warning with advice (what was warned is kept in checkpoints). Only rank 0 measures
+    and warns: every rank holds the same global loss.
+
+    Works with :class:`barlowtwins.training.module.BarlowTwinsModule` (which adds it by itself)
+    and its :class:`~barlowtwins.training.datamodule.BarlowTwinsDataModule`.
+
+    Args:
+        held_out_images: Images whose features give the effective rank (at most ``min(N, F)``).
+    """
+
+    def __init__(self, held_out_images: int = 512) -> None:
+        self.held_out_images = held_out_images
+        self.initial_invariance: float | None = None
+        self.initial_effective_rank: float | None = None
+        self.warned: list[str] = []
+        self._initial_sum = 0.0
+        self._held_out: torch.Tensor | None = None
+        self._sums: torch.Tensor | None = None
+        self._steps = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "initial_invariance": self.initial_invariance,
+            "initial_effective_rank": self.initial_effective_rank,
+            "warned": list(self.warned),
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.initial_invariance = state_dict["initial_invariance"]
+        self.initial_effective_rank = state_dict["initial_effective_rank"]
+        self.warned = list(state_dict["warned"])
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        self._held_out = self._held_out_images(trainer)
+        if self._held_out is None:
+            _log.info("training health: no held-out images found, effective rank not measured")
+            return
+        if self.initial_effective_rank is None:
+            self.initial_effective_rank = self._rank(pl_module)
+            # Logged straight to the loggers (Lightning's self.log is not open at train start),
+            # with the epoch column that Lightning's own rows carry.
+            metrics = {EFFECTIVE_RANK: self.initial_effective_rank, "epoch": trainer.current_epoch}
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=trainer.global_step)
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._sums, self._steps = None, 0
+
+    def on_train_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        health = outputs.get("health") if isinstance(outputs, Mapping) else None
+        if health is None or not trainer.is_global_zero:
+            return
+        # Summed on the device: no host synchronisation per step.
+        names = (INVARIANCE, REDUNDANCY, EMBEDDING_STD)
+        values = torch.stack([health[name].float() for name in names])
+        self._sums = values if self._sums is None else self._sums + values
+        self._steps += 1
+        # The reference of the stall rule: the run's first steps (a resumed run keeps its own).
+        if self.initial_invariance is None and trainer.global_step <= INITIAL_STEPS:
+            self._initial_sum += float(health[INVARIANCE])
+            if trainer.global_step == INITIAL_STEPS:
+                self.initial_invariance = self._initial_sum / INITIAL_STEPS
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.is_global_zero or self._sums is None:
+            return
+        invariance, redundancy, spread = (self._sums / self._steps).tolist()
+        rank = None
+        if self._held_out is not None:
+            rank = self._rank(pl_module)
+            pl_module.log(EFFECTIVE_RANK, rank, prog_bar=True, rank_zero_only=True)
+        problems = diagnose(
+            EpochHealth(
+                num_features=int(pl_module.hparams.projector_dims[-1]),
+                lambda_param=float(pl_module.hparams.lambda_param),
+                steps=trainer.global_step,
+                initial_invariance=self.initial_invariance,
+                invariance=invariance,
+                redundancy=redundancy,
+                embedding_std=spread,
+                effective_rank=rank,
+                initial_effective_rank=self.initial_effective_rank,
+            )
+        )
+        for problem in problems:
+            if problem.kind in self.warned:
+                continue
+            self.warned.append(problem.kind)
+            _log.warning(
+                "barlowtwins: warning: after epoch %d the run looks broken: %s "
+                "(see docs/is_it_working.md)",
+                trainer.current_epoch,
+                problem.message,
+            )
+
+    def _held_out_images(self, trainer: L.Trainer) -> torch.Tensor | None:
+        datamodule = getattr(trainer, "datamodule", None)
+        for name in ("knn_query", "train"):
+            data = getattr(datamodule, name, None)
+            if data is not None and len(data) >= 2:
+                count = min(self.held_out_images, len(data))
+                return torch.stack([data[i][0] for i in range(count)])
+        return None
+
+    def _rank(self, pl_module: L.LightningModule) -> float:
+        assert self._held_out is not None
+        return effective_rank(pl_module.held_out_features(self._held_out))

@@ -1,4 +1,4 @@
-"""Saving and safely loading encoders and checkpoints.
+"""Saving and safely loading encoders and checkpoints (:mod:`barlowtwins.app.runs` reads runs).
 
 Every load goes through ``torch.load(..., weights_only=True)``: a checkpoint from someone else
 can hold tensors and plain containers, never code that runs when it is unpickled. Every save is
@@ -19,10 +19,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from barlowtwins.backbones import build_backbone
-
 ENCODER_WEIGHTS = "backbone.pt"
 ENCODER_INFO = "backbone.json"
+# Where ``fit`` keeps its Lightning checkpoints inside the output folder.
+CHECKPOINT_DIR = "checkpoints"
+LAST_CHECKPOINT = "last.ckpt"
 
 
 class CheckpointError(ValueError):
@@ -127,52 +128,3 @@ def save_encoder(backbone: nn.Module, info: EncoderInfo, directory: Path) -> Pat
         lambda tmp: tmp.write_text(json.dumps(asdict(info), indent=2) + "\n"),
     )
     return weights
-
-
-def load_encoder(path: str | Path) -> tuple[nn.Module, EncoderInfo]:
-    """Rebuild a pretrained backbone from ``backbone.pt`` or a Lightning ``.ckpt``.
-
-    Args:
-        path: ``backbone.pt`` (with ``backbone.json`` beside it), a Lightning checkpoint of
-            :class:`BarlowTwinsModule`, or a ``fit`` output directory.
-
-    Returns:
-        The backbone in eval mode and its :class:`EncoderInfo`.
-    """
-    path = Path(path)
-    if path.is_dir():
-        path = path / ENCODER_WEIGHTS
-    content = safe_load(path)
-    if isinstance(content, dict) and "state_dict" in content and "hyper_parameters" in content:
-        info = EncoderInfo.from_hparams(content["hyper_parameters"])
-        prefix = "model.backbone."
-        state = {
-            key[len(prefix) :]: value
-            for key, value in content["state_dict"].items()
-            if key.startswith(prefix)
-        }
-    else:
-        info_path = path.with_name(ENCODER_INFO)
-        if not info_path.is_file():
-            raise CheckpointError(
-                f"{info_path} is missing: it describes the architecture of {path.name}"
-            )
-        try:
-            fields = json.loads(info_path.read_text())
-            info = EncoderInfo(
-                **{**fields, "mean": tuple(fields["mean"]), "std": tuple(fields["std"])}
-            )
-        except (json.JSONDecodeError, TypeError, KeyError) as error:
-            raise CheckpointError(f"corrupt {info_path}: {error}") from None
-        state = content
-    if not isinstance(state, dict) or not state:
-        raise CheckpointError(f"{path} holds no backbone weights")
-    backbone, _ = build_backbone(
-        info.backbone, in_channels=info.in_channels, small_image=info.small_image
-    )
-    try:
-        backbone.load_state_dict(state)
-    except RuntimeError as error:
-        first = str(error).splitlines()[0]
-        raise CheckpointError(f"{path} does not fit backbone {info.backbone}: {first}") from None
-    return backbone.eval(), info

@@ -10,11 +10,13 @@ from torch import Tensor, nn
 from torchvision.models import ResNet
 
 from barlowtwins.evaluation import knn_accuracy, prepare_images
+from barlowtwins.health import loss_terms, step_metrics
 from barlowtwins.loss import BarlowTwinsLoss, NonFiniteLossError
 from barlowtwins.mixed_loss import MixedBarlowTwinsLoss, MixUp
 from barlowtwins.model import BarlowTwins
 from barlowtwins.nn.convolution import use_small_output_convolutions
 from barlowtwins.optim import build_optimizer, build_warmup_cosine_scheduler
+from barlowtwins.training.callbacks import TrainingHealth
 from barlowtwins.views.batched import BatchedBarlowTwinsAugment
 from barlowtwins.views.transforms import barlow_twins_views, resolve_normalization
 
@@ -36,6 +38,12 @@ class BarlowTwinsModule(L.LightningModule):
 
     The defaults are the paper's (the ``paper`` recipe of :mod:`barlowtwins.app.recipes`,
     which a test keeps equal); ``barlowtwins fit`` passes a recipe's values instead.
+
+    Every step also logs the loss's two terms, the loss per feature and the spread of the
+    embeddings (:func:`barlowtwins.health.step_metrics`); the
+    :class:`~barlowtwins.training.callbacks.TrainingHealth` callback it brings along logs the
+    effective rank of held-out features per epoch and warns once if the run looks collapsed
+    or stalled.
 
     Args:
         backbone: Backbone name (see :func:`barlowtwins.backbones.build_backbone`).
@@ -150,7 +158,7 @@ class BarlowTwinsModule(L.LightningModule):
             views = (prepare_images(images, self.mean, self.std, self.hparams.image_size),)
         return [v.contiguous(memory_format=self._memory_format) for v in views], labels
 
-    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+    def training_step(self, batch: Any, batch_idx: int) -> dict[str, Any]:
         (view_a, view_b), _ = batch
         z_a, z_b = self.model(view_a), self.model(view_b)
         if self.mixup is None:
@@ -169,7 +177,25 @@ class BarlowTwinsModule(L.LightningModule):
             )
         # The loss is already the global one on every rank: no sync_dist needed.
         self.log("train_loss", loss, prog_bar=True, on_step=True, on_epoch=True)
-        return loss
+        # The terms the loss itself summed (no second evaluation), detached.
+        criterion = self.criterion if self.mixup is None else self.mixed_criterion
+        health = step_metrics(loss_terms(criterion, z_a.shape[1]), z_a)
+        self.log_dict(health, on_step=True, on_epoch=False)
+        return {"loss": loss, "health": health}
+
+    def configure_callbacks(self) -> list[L.Callback]:
+        return [TrainingHealth()]
+
+    @torch.no_grad()
+    def held_out_features(self, images: Tensor) -> Tensor:
+        """Backbone features of uint8 images, pre-processed as for validation, in eval mode."""
+        was_training = self.training
+        self.eval()
+        try:
+            x = prepare_images(images.to(self.device), self.mean, self.std, self.hparams.image_size)
+            return self.model.features(x.contiguous(memory_format=self._memory_format)).float()
+        finally:
+            self.train(was_training)
 
     def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
         (images,), labels = batch
