@@ -81,7 +81,8 @@ def loss_terms(criterion: torch.nn.Module, num_features: int) -> LossTerms:
     if terms is None:
         raise ValueError("the criterion has not computed a loss yet (no last_terms)")
     invariance, redundancy = terms
-    return LossTerms(invariance, redundancy, float(criterion.lambda_param), num_features)
+    lambda_param = float(getattr(criterion, "lambda_param"))  # noqa: B009 (a loss's float)
+    return LossTerms(invariance, redundancy, lambda_param, num_features)
 
 
 def independent_features_terms(

@@ -201,7 +201,8 @@ def build_code(run: Run, encoder: nn.Module, num_classes: int = 0) -> str:
             f"model = timm.create_model({timm_name(run)!r}, pretrained=False, "
             f"num_classes={num_classes}, in_chans={info.in_channels})"
         )
-    block = type(encoder.layer1[0]).__name__
+    resnet: Any = encoder  # a torchvision ResNet: its stages and stem are attributes
+    block = type(resnet.layer1[0]).__name__
     layers = [len(getattr(encoder, f"layer{i}")) for i in range(1, 5)]
     lines = [
         "import torch",
@@ -210,7 +211,7 @@ def build_code(run: Run, encoder: nn.Module, num_classes: int = 0) -> str:
         f"model = ResNet({block}, {layers}"
         + (f", num_classes={num_classes})" if num_classes else ")"),
     ]
-    width = encoder.conv1.out_channels
+    width = resnet.conv1.out_channels
     if info.small_image:
         lines += [
             f"model.conv1 = torch.nn.Conv2d({info.in_channels}, {width}, kernel_size=3, stride=1, "
@@ -288,7 +289,7 @@ def _write_full(run: Run, target: Path) -> None:
     from safetensors.torch import save_file
 
     model = run.model()
-    metadata = header(run, model.backbone, content=FULL_CONTENT)
+    metadata = header(run, model.get_submodule("backbone"), content=FULL_CONTENT)
     metadata["projector_dims"] = json.dumps(list(run.projector_dims or ()))
     metadata["build"] = (
         "import barlowtwins\n"
@@ -311,7 +312,8 @@ class Normalized(nn.Module):
 
     def forward(self, images: Tensor) -> Tensor:
         """Features (or logits) of images scaled to [0, 1], shape (B, C, H, W)."""
-        return self.module((images - self.mean) / self.std).flatten(1)
+        mean, std = self.get_buffer("mean"), self.get_buffer("std")
+        return self.module((images - mean) / std).flatten(1)
 
 
 def _write_onnx(run: Run, head: LinearHead | None, target: Path) -> None:

@@ -57,7 +57,7 @@ def encode(
     backbone, info = run.encoder(), run.info
     target = _device(device)
     dataset = _load(data, info, **data_options)
-    backbone.to(target, memory_format=torch.channels_last)
+    backbone.to(target).to(memory_format=torch.channels_last)
     return _features(backbone, info, dataset, batch_size, target), dataset
 
 
@@ -102,12 +102,13 @@ def evaluate_encoder(
         raise ValueError(f"--save-head needs a run folder to save into; {checkpoint} is in none")
     backbone, info = run.encoder(), run.info
     target = _device(device)
-    backbone.to(target, memory_format=torch.channels_last)
+    backbone.to(target).to(memory_format=torch.channels_last)
     train_data = _load(train, info, **data_options)
     test_data = _load(test, info, **{**data_options, "max_samples": None})
     for name, data in (("train", train_data), ("test", test_data)):
         if data.labels is None:
             raise DataError(f"--{name} data has no labels (use class subfolders)")
+    assert train_data.labels is not None and test_data.labels is not None
     train_features = _features(backbone, info, train_data, batch_size, target)
     test_features = _features(backbone, info, test_data, batch_size, target)
     num_classes = int(max(train_data.labels.max(), test_data.labels.max())) + 1

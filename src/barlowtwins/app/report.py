@@ -59,6 +59,7 @@ def score_encoders(
             precision=precision,
         )
 
+    train_labels, test_labels = train.labels, test.labels
     neighbours = sorted({k, *more_k})
     at_k: dict[str, dict[str, float]] = {str(n): {} for n in neighbours}
 
@@ -66,9 +67,9 @@ def score_encoders(
         for n in neighbours:
             at_k[str(n)][name] = knn_accuracy(
                 train_features,
-                train.labels,
+                train_labels,
                 test_features,
-                test.labels,
+                test_labels,
                 num_classes=num_classes,
                 k=n,
                 temperature=temperature,
@@ -81,7 +82,7 @@ def score_encoders(
         info.backbone, in_channels=info.in_channels, small_image=info.small_image
     )
     # Channels-last as the trained module's model: ~1.7x faster convolutions on CPU.
-    random_init.to(device, memory_format=torch.channels_last)
+    random_init.to(device).to(memory_format=torch.channels_last)
     score("random init", features(random_init, train), features(random_init, test))
     if isinstance(train, InMemoryImages) and isinstance(test, InMemoryImages):
         score("raw pixels", raw_pixel_features(train.images), raw_pixel_features(test.images))

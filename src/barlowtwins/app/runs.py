@@ -459,22 +459,24 @@ def load_pretrained(path: str | Path, *, with_head: bool = False) -> nn.Module:
     }
     if head is not None and head.classes:
         cfg["label_names"] = list(head.classes)
-    encoder.pretrained_cfg = cfg
+    # timm's attribute for what a model expects; torch types module attributes as modules.
+    encoder.pretrained_cfg = cfg  # type: ignore[assignment]
     return encoder
 
 
 def classifier_name(encoder: nn.Module) -> str:
     """Name of the classifier module of ``encoder``: ``fc`` for torchvision, timm's own."""
     if hasattr(encoder, "get_classifier"):  # timm
-        return str(encoder.pretrained_cfg.get("classifier", "fc"))
+        return str(getattr(encoder, "pretrained_cfg", {}).get("classifier", "fc"))
     return "fc"
 
 
 def attach_head(encoder: nn.Module, head: LinearHead) -> nn.Module:
     """Put ``head`` in the place of the encoder's (removed) classifier, in place."""
     if hasattr(encoder, "reset_classifier"):  # timm rebuilds its classifier at any size
-        encoder.reset_classifier(head.num_classes)
-        layer = encoder.get_classifier()
+        timm_model: Any = encoder  # timm's classifier API
+        timm_model.reset_classifier(head.num_classes)
+        layer = timm_model.get_classifier()
         with torch.no_grad():
             layer.weight.copy_(head.weight)
             layer.bias.copy_(head.bias)

@@ -12,6 +12,7 @@ import csv
 import math
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from matplotlib import colormaps
@@ -84,7 +85,7 @@ def plot_loss(metrics_csv: Path, out: Path) -> Path:
     if "step" not in columns:
         raise ValueError(f"{metrics_csv} has no 'step' column; columns are {sorted(columns)}")
     step_column = next((c for c in _LOSS_COLUMNS_STEP if c in columns), None)
-    series: list[tuple[str, dict[str, object]]] = []
+    series: list[tuple[str, dict[str, Any]]] = []
     if step_column is not None:
         series.append((step_column, {"label": "per step", "linewidth": 0.8, "alpha": 0.7}))
     if _LOSS_COLUMN_EPOCH in columns:

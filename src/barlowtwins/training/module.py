@@ -228,7 +228,9 @@ class BarlowTwinsModule(L.LightningModule):
         local = torch.cat(chunks)
         if self.trainer.world_size == 1:
             return local
-        return self.all_gather(local).flatten(0, 1)
+        gathered = self.all_gather(local)
+        assert isinstance(gathered, Tensor)  # a tensor in, a tensor out
+        return gathered.flatten(0, 1)
 
     def configure_optimizers(self) -> Any:
         global_batch = (
