@@ -167,7 +167,8 @@ RECIPES: dict[str, Recipe] = {
             published="none",
             measured=(
                 "test kNN 86.96 % (k=20) / 85.77 % (k=200), linear probe 88.21 %, "
-                "15.1 min on a 2-core AVX2 CPU (float32)"
+                "15.1 min on a 2-core AVX2 CPU (float32); 87.20 % / 85.71 % in 5.3 min on a "
+                "2-core AVX512-BF16 CPU (bf16)"
             ),
             data="fashion-mnist",
             values={
