@@ -47,12 +47,18 @@ def measure_step_seconds(
     timings = []
     for step in range(_WARMUP_STEPS + _TIMED_STEPS):
         started = time.perf_counter()
-        view_a, view_b = probe.augment(images, generator)
+        view_a, view_b = (
+            v.contiguous(memory_format=torch.channels_last)
+            for v in probe.augment(images, generator)
+        )
         with autocast("cpu", precision):
-            loss = probe.criterion(
-                probe.model(view_a.contiguous(memory_format=torch.channels_last)),
-                probe.model(view_b.contiguous(memory_format=torch.channels_last)),
-            )
+            z_a, z_b = probe.model(view_a), probe.model(view_b)
+            if probe.mixup is None:
+                loss = probe.criterion(z_a, z_b)
+            else:  # Mixed Barlow Twins embeds a third batch each step
+                mixed = probe.mixup(view_a, view_b, step=step)
+                z_mixed = probe.model(mixed.images.contiguous(memory_format=torch.channels_last))
+                loss = probe.mixed_criterion(z_a, z_b, z_mixed, mixed.alpha, mixed.permutation)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
