@@ -18,6 +18,7 @@ from torch import nn
 import barlowtwins.precision
 from barlowtwins.app.config import ConfigError, load_fit_config
 from barlowtwins.app.fit import fit
+from barlowtwins.app.runs import load_run
 from barlowtwins.precision import (
     BF16_CPU_FLAGS,
     DEFAULT_PRECISIONS,
@@ -28,7 +29,6 @@ from barlowtwins.precision import (
     default_precision,
     read_cpu_flags,
 )
-from barlowtwins.training.checkpoint import load_encoder
 
 # Two processors of an AVX512-BF16 machine, shortened; the second lacks one flag.
 _CPUINFO = """\
@@ -180,7 +180,8 @@ def test_fit_trains_saves_and_scores_on_either_default_path(
             if r.get("train_loss_epoch")
         ]
     assert len(losses) == 1 and math.isfinite(losses[0])
-    backbone, info = load_encoder(output / "backbone.pt")
+    run = load_run(output / "backbone.pt")
+    backbone, info = run.encoder(), run.info
     weights = list(backbone.state_dict().values())
     # Mixed precision keeps float32 weights; only the forward pass ran in bfloat16.
     assert all(

@@ -171,7 +171,7 @@ class TrainingHealth(Callback):
             _log.info("training health: no held-out images found, effective rank not measured")
             return
         if self.initial_effective_rank is None:
-            self.initial_effective_rank = self._rank(pl_module)
+            self.initial_effective_rank = self._rank(trainer, pl_module)
             # Logged straight to the loggers (Lightning's self.log is not open at train start),
             # with the epoch column that Lightning's own rows carry.
             metrics = {EFFECTIVE_RANK: self.initial_effective_rank, "epoch": trainer.current_epoch}
@@ -209,7 +209,7 @@ class TrainingHealth(Callback):
         invariance, redundancy, spread = (self._sums / self._steps).tolist()
         rank = None
         if self._held_out is not None:
-            rank = self._rank(pl_module)
+            rank = self._rank(trainer, pl_module)
             pl_module.log(EFFECTIVE_RANK, rank, prog_bar=True, rank_zero_only=True)
         problems = diagnose(
             EpochHealth(
@@ -244,7 +244,10 @@ class TrainingHealth(Callback):
                 return torch.stack([data[i][0] for i in range(count)])
         return None
 
-    def _rank(self, pl_module: L.LightningModule) -> float:
+    def _rank(self, trainer: L.Trainer, pl_module: L.LightningModule) -> float:
         assert self._held_out is not None
         features = getattr(pl_module, "held_out_features")  # noqa: B009 (BarlowTwinsModule's)
-        return effective_rank(features(self._held_out))
+        # In the run's precision, like the kNN monitor's features.
+        with trainer.precision_plugin.forward_context():
+            held_out = features(self._held_out)
+        return effective_rank(held_out.float())
