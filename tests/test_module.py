@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import pytest
@@ -86,52 +87,41 @@ def test_global_batchnorm_sync_applies_and_reverts() -> None:
     ]
 
 
-@pytest.mark.parametrize("enabled", [True, False])
-def test_cpu_convolutions_are_swapped_in_on_cpu_only_when_enabled(
-    enabled: bool, tmp_path: Path
-) -> None:
-    from barlowtwins.nn.convolution import SmallOutputConv2d
-
+def _train_tiny(tmp_path: Path, steps: int, **options: Any) -> tuple[BarlowTwinsModule, L.Trainer]:
+    """A 16 px ResNet-10 module trained ``steps`` steps of 8 Fashion-MNIST images on the CPU."""
     module = BarlowTwinsModule(
         backbone="resnet10",
         in_channels=1,
         image_size=16,
         projector_dims=(16,),
         batch_size=8,
-        cpu_convolutions=enabled,
+        **options,
     )
     trainer = L.Trainer(
         accelerator="cpu",
-        max_steps=1,
-        logger=False,
-        enable_progress_bar=False,
-        enable_checkpointing=False,
-        default_root_dir=tmp_path,
-    )
-    data = BarlowTwinsDataModule(load_fashion_mnist("train").head(16), batch_size=8)
-    trainer.fit(module, datamodule=data)
-    swapped = [type(m) is SmallOutputConv2d for m in module.backbone.modules()]
-    assert any(swapped) is enabled
-
-
-def test_mixed_barlow_twins_trains_and_logs_its_term(tmp_path: Path) -> None:
-    module = BarlowTwinsModule(
-        backbone="resnet10",
-        in_channels=1,
-        image_size=16,
-        projector_dims=(16,),
-        batch_size=8,
-        mix_weight=4.0,
-    )
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_steps=2,
+        max_steps=steps,
         logger=False,
         enable_progress_bar=False,
         enable_checkpointing=False,
         default_root_dir=tmp_path,
     )
     trainer.fit(module, datamodule=BarlowTwinsDataModule(load_fashion_mnist("train").head(16), 8))
+    return module, trainer
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_cpu_convolutions_are_swapped_in_on_cpu_only_when_enabled(
+    enabled: bool, tmp_path: Path
+) -> None:
+    from barlowtwins.nn.convolution import SmallOutputConv2d
+
+    module, _ = _train_tiny(tmp_path, 1, cpu_convolutions=enabled)
+    swapped = [type(m) is SmallOutputConv2d for m in module.backbone.modules()]
+    assert any(swapped) is enabled
+
+
+def test_mixed_barlow_twins_trains_and_logs_its_term(tmp_path: Path) -> None:
+    _, trainer = _train_tiny(tmp_path, 2, mix_weight=4.0)
     metrics = trainer.callback_metrics
     assert torch.isfinite(metrics["train_loss"])
     # The regulariser is part of the loss: positive for a generic mixing coefficient.
