@@ -340,3 +340,57 @@ def test_large_float_views_resize_each_sample_with_antialias() -> None:
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=0)
     as_double = BatchedBarlowTwinsAugment(96).augment_view(images.double(), IDENTITY)
     torch.testing.assert_close(as_double, expected, atol=1e-5, rtol=0)
+
+
+def _matching_shifts(
+    images: torch.Tensor, views: torch.Tensor, largest: int
+) -> list[tuple[int, int]]:
+    """The one (dy, dx) within ``largest`` that turns each image into its view."""
+    found = []
+    for image, view in zip(images, views, strict=True):
+        matches = [
+            (dy, dx)
+            for dy in range(-largest, largest + 1)
+            for dx in range(-largest, largest + 1)
+            if torch.allclose(view, _shifted(image, dy, dx), atol=1e-5, rtol=0)
+        ]
+        assert len(matches) == 1, f"a view is not its input moved by whole pixels <= {largest}"
+        found.append(matches[0])
+    return found
+
+
+def _shifted(image: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
+    """``image`` (C, H, W) moved down by dy and right by dx, the uncovered border 0."""
+    out = torch.zeros_like(image)
+    height, width = image.shape[1:]
+    out[:, max(dy, 0) : height + min(dy, 0), max(dx, 0) : width + min(dx, 0)] = image[
+        :, max(-dy, 0) : height + min(-dy, 0), max(-dx, 0) : width + min(-dx, 0)
+    ]
+    return out
+
+
+def test_translation_moves_each_sample_by_whole_pixels_with_a_black_border() -> None:
+    """Every view is its input shifted by its own (dy, dx) in [-m, m], zeros moved in."""
+    images = torch.rand(64, 1, 28, 28, generator=_seeded()) + 0.1  # no zeros of its own
+    shifted = replace(IDENTITY, translate=0.1)  # m = floor(2.8) = 2
+    view = BatchedBarlowTwinsAugment(28, channels=1).augment_view(images, shifted, _seeded(1))
+    seen = set(_matching_shifts(images, view, 2))
+    assert len(seen) > 15, f"64 samples hit only {len(seen)} of the 25 shifts"
+
+
+def test_translation_applies_on_the_per_sample_resize_path_too() -> None:
+    """Large CPU views (100 px: resized one sample at a time) shift like small ones."""
+    images = torch.rand(8, 3, 100, 100, generator=_seeded()) + 0.1
+    view = BatchedBarlowTwinsAugment(100).augment_view(
+        images, replace(IDENTITY, translate=0.03), _seeded(2)
+    )
+    assert len(set(_matching_shifts(images, view, 3))) > 3
+
+
+def test_shifts_are_uniform_over_the_range() -> None:
+    shifts = augment.sample_shifts(torch.rand(70_000, 2, generator=_seeded()), 3)
+    assert shifts is not None
+    counts = torch.bincount(shifts.flatten() + 3, minlength=7)
+    assert counts.numel() == 7
+    assert (counts - 20_000).abs().max() < 600  # ~4.5 standard deviations
+    assert augment.sample_shifts(torch.rand(4, 2), 0) is None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import subprocess
@@ -17,6 +18,7 @@ from torchvision.models.resnet import BasicBlock, ResNet
 
 from barlowtwins.app.cli import main
 from barlowtwins.backbones import adapt_stem
+from barlowtwins.training.callbacks import TRAIN_MINUTES
 
 # What fit counts as this machine's cores when it checks --devices on the CPU.
 _CORES = os.cpu_count() or 1
@@ -95,13 +97,13 @@ def test_rerun_resumes_from_last_checkpoint(
     output = tmp_path / "run"
     shutil.copytree(fitted, output)
     assert main(["fit", *TINY, "--epochs", "2", "--output", str(output), "--no-plots"]) == 0
-    epochs = set()
-    with open(output / "metrics.csv") as handle:
-        header = handle.readline().strip().split(",")
-        for line in handle:
-            epochs.add(line.split(",")[header.index("epoch")])
+    with open(output / "metrics.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
     # The first run's epoch 0 is kept, the rerun only trained epoch 1.
-    assert epochs == {"0", "1"}
+    assert {row["epoch"] for row in rows} == {"0", "1"}
+    # The training clock goes on from the checkpoint's minutes: one reading per epoch.
+    minutes = [float(row[TRAIN_MINUTES]) for row in rows if row.get(TRAIN_MINUTES)]
+    assert len(minutes) == 2 and 0 < minutes[0] < minutes[1]
     # The progress bar shows the loss, not the log folder's meaningless version number.
     captured = capsys.readouterr()
     progress = captured.out + captured.err

@@ -19,6 +19,7 @@ from barlowtwins.views.transforms import (
     barlow_twins_views,
     blur_kernel_size,
     default_normalization,
+    max_shift,
 )
 
 # Every random operation switched off and the crop forced to the whole (square) image.
@@ -88,6 +89,8 @@ def test_view_config_normalises_ranges_to_float_tuples() -> None:
         {"hue": -0.1},
         {"blur_sigma": (0.0, 1.0)},
         {"blur_sigma": (2.0, 1.0)},
+        {"translate": -0.1},
+        {"translate": 1.0},
     ],
 )
 def test_invalid_view_config_raises(kwargs: dict[str, object]) -> None:
@@ -121,6 +124,46 @@ def test_crop_scale_override_applies_to_both_views() -> None:
     assert [v.crop_scale for v in views] == [(0.2, 1.0), (0.2, 1.0)]
     with pytest.raises(ValueError):
         barlow_twins_views(96, crop_scale=(0.0, 1.0))
+
+
+def test_translate_override_applies_to_both_views() -> None:
+    assert [v.translate for v in barlow_twins_views(28, 1, translate=0.1)] == [0.1, 0.1]
+    assert [v.translate for v in barlow_twins_views(28, 1)] == [0.0, 0.0]
+    assert max_shift(0.1, 28) == 2 and max_shift(0.1, 32) == 3 and max_shift(0.0, 224) == 0
+
+
+def test_translation_shifts_the_pil_view_by_whole_pixels_with_a_black_border() -> None:
+    img = Image.fromarray(np.random.default_rng(0).integers(1, 256, (28, 28), dtype=np.uint8))
+    plain = _normalise(img, (0.0,), (1.0,))
+    transform = BarlowTwinsTransform(
+        28,
+        channels=1,
+        view_a=replace(IDENTITY, translate=0.1),
+        view_b=IDENTITY,
+        mean=(0.0,),
+        std=(1.0,),
+    )
+    torch.manual_seed(0)
+    seen = set()
+    for _ in range(40):
+        view, unshifted = transform(img)
+        torch.testing.assert_close(unshifted, plain)
+        matches = [
+            (dy, dx)
+            for dy in range(-2, 3)
+            for dx in range(-2, 3)
+            if torch.equal(view, torch.roll(plain, (dy, dx), (1, 2)) * _window(dy, dx))
+        ]
+        assert len(matches) == 1
+        seen.add(matches[0])
+    assert len(seen) > 10
+
+
+def _window(dy: int, dx: int, size: int = 28) -> torch.Tensor:
+    """1 where a view moved by (dy, dx) still shows the image, 0 on the uncovered border."""
+    keep = torch.zeros(1, size, size)
+    keep[:, max(dy, 0) : size + min(dy, 0), max(dx, 0) : size + min(dx, 0)] = 1
+    return keep
 
 
 @pytest.mark.parametrize("kwargs", [{"image_size": 0}, {"image_size": 32, "channels": 2}])

@@ -94,6 +94,9 @@ class FitConfig(BaseModel):
     batch_size: int = Field(ge=2, description="batch per device (batch norm needs 2)")
     image_size: int = Field(ge=8, description="side of the views in pixels")
     crop_scale: tuple[float, float] = Field(description="random-resized-crop area range")
+    translate: float = Field(
+        ge=0, lt=1, description="largest shift of the views, as a fraction of their side"
+    )
     precision: Literal[PRECISIONS] = Field(  # type: ignore[valid-type]
         description="Lightning precision (auto: bf16-mixed where the hardware runs it fast)"
     )

@@ -209,6 +209,7 @@ def build_module(config: FitConfig, *, in_channels: int) -> BarlowTwinsModule:
         final_lr_factor=config.final_lr_factor,
         batch_size=config.batch_size,
         crop_scale=config.crop_scale,
+        translate=config.translate,
         knn_k=config.knn_k,
     )
     if config.compile:

@@ -44,6 +44,7 @@ HYPERPARAMETERS: tuple[str, ...] = (
     "batch_size",
     "image_size",
     "crop_scale",
+    "translate",
     "precision",
 )
 
@@ -154,6 +155,7 @@ _SOLO_LEARN = {
     "final_lr_factor": 0.0,
     "time_budget": None,
     "crop_scale": (0.08, 1.0),
+    "translate": 0.0,
     "precision": AUTO,
 }
 
@@ -195,6 +197,7 @@ RECIPES: dict[str, Recipe] = {
                 # Fashion-MNIST's objects are centred and fill the frame: in short runs
                 # random crops only slowed learning down (README, session 2's table).
                 "crop_scale": (1.0, 1.0),
+                "translate": 0.0,
                 "precision": AUTO,
             },
         ),
@@ -251,6 +254,7 @@ RECIPES: dict[str, Recipe] = {
                 "batch_size": 2048,
                 "image_size": 224,
                 "crop_scale": (0.08, 1.0),
+                "translate": 0.0,
                 "precision": AUTO,
             },
         ),

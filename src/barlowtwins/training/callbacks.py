@@ -1,10 +1,11 @@
 """Lightning plugins and callbacks: exact batch norm sync on any device, crash-safe and
-safe-to-load checkpoints, a checkpoint on preemption, training health."""
+safe-to-load checkpoints, a checkpoint on preemption, training health, a training clock."""
 
 from __future__ import annotations
 
 import logging
 import random
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -120,6 +121,39 @@ class ProgressBar(TQDMProgressBar):
         metrics = super().get_metrics(trainer, pl_module)
         metrics.pop("v_num", None)
         return metrics
+
+
+TRAIN_MINUTES = "train_minutes"
+
+
+class TrainingClock(Callback):
+    """Wall-clock minutes since training started, logged after every epoch as ``train_minutes``.
+
+    The minutes include the epoch's kNN monitor and checkpoints: they are what a user waits,
+    which time-to-accuracy plots need. A resumed run continues from the minutes its checkpoint
+    holds (the time between the crash and the resume is not counted).
+    """
+
+    def __init__(self) -> None:
+        self.minutes_before_start = 0.0
+        self._started: float | None = None
+
+    def minutes(self) -> float:
+        """Minutes of training so far, this process's and those before its checkpoint."""
+        running = 0.0 if self._started is None else time.perf_counter() - self._started
+        return self.minutes_before_start + running / 60
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"minutes": self.minutes()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.minutes_before_start = float(state_dict["minutes"])
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._started = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        pl_module.log(TRAIN_MINUTES, self.minutes(), rank_zero_only=True)
 
 
 class TrainingHealth(Callback):

@@ -16,7 +16,7 @@ from barlowtwins.mixed_loss import MixedBarlowTwinsLoss, MixUp
 from barlowtwins.model import BarlowTwins
 from barlowtwins.nn.convolution import use_small_output_convolutions
 from barlowtwins.optim import build_optimizer, build_warmup_cosine_scheduler
-from barlowtwins.training.callbacks import TrainingHealth
+from barlowtwins.training.callbacks import TrainingClock, TrainingHealth
 from barlowtwins.views.batched import BatchedBarlowTwinsAugment
 from barlowtwins.views.transforms import barlow_twins_views, resolve_normalization
 
@@ -43,7 +43,8 @@ class BarlowTwinsModule(L.LightningModule):
     embeddings (:func:`barlowtwins.health.step_metrics`); the
     :class:`~barlowtwins.training.callbacks.TrainingHealth` callback it brings along logs the
     effective rank of held-out features per epoch and warns once if the run looks collapsed
-    or stalled.
+    or stalled; :class:`~barlowtwins.training.callbacks.TrainingClock` logs the minutes of
+    training per epoch.
 
     Args:
         backbone: Backbone name (see :func:`barlowtwins.backbones.build_backbone`).
@@ -69,6 +70,7 @@ class BarlowTwinsModule(L.LightningModule):
         final_lr_factor: The cosine decay ends at this fraction of the learning rate.
         batch_size: Batch per device; the global batch is this times devices times nodes.
         crop_scale: Random-resized-crop area range of both views (paper: 0.08-1).
+        translate: Largest shift of both views as a fraction of their side (paper: 0).
         mean: Normalisation mean per channel (default: ImageNet / grey).
         std: Normalisation std per channel.
         gather_distributed: Global-batch loss across processes.
@@ -102,6 +104,7 @@ class BarlowTwinsModule(L.LightningModule):
         final_lr_factor: float = 0.001,
         batch_size: int = 2048,
         crop_scale: tuple[float, float] | None = (0.08, 1.0),
+        translate: float = 0.0,
         mean: tuple[float, ...] | None = None,
         std: tuple[float, ...] | None = None,
         gather_distributed: bool = True,
@@ -120,7 +123,9 @@ class BarlowTwinsModule(L.LightningModule):
             zero_init_residual=zero_init_residual,
         )
         self.mean, self.std = resolve_normalization(in_channels, mean, std)
-        view_a, view_b = barlow_twins_views(image_size, in_channels, crop_scale=crop_scale)
+        view_a, view_b = barlow_twins_views(
+            image_size, in_channels, crop_scale=crop_scale, translate=translate
+        )
         self.augment = BatchedBarlowTwinsAugment(
             image_size, in_channels, view_a, view_b, mean=self.mean, std=self.std
         )
@@ -184,7 +189,7 @@ class BarlowTwinsModule(L.LightningModule):
         return {"loss": loss, "health": health}
 
     def configure_callbacks(self) -> list[L.Callback]:
-        return [TrainingHealth()]
+        return [TrainingHealth(), TrainingClock()]
 
     @torch.no_grad()
     def held_out_features(self, images: Tensor) -> Tensor:

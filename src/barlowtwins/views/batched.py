@@ -21,6 +21,9 @@ How each operation relates to torchvision's per-sample pipeline
   antialiasing: identical when crops are enlarged (always the case for views as large as the
   images, e.g. 32 px views of 32 px images), visibly different only for crops shrunk by more
   than ~2x. The paper's bicubic resize differs slightly from both.
+* Translation (``translate`` > 0): every sample's cropped view moves by its own whole-pixel
+  shift, uniform in ``[-m, m]`` per axis, with a black border, which equals torchvision's
+  ``RandomCrop(image_size, padding=m, fill=0)`` after the crop.
 * Colour jitter equals torchvision's ``ColorJitter`` for every sample: factors uniform in
   ``[max(0, 1 - s), 1 + s]`` (hue in ``[-h, h]``), the operations in a random order drawn
   *per sample*, values clipped to [0, 1] after each one. Brightness, contrast and saturation
@@ -53,6 +56,7 @@ from barlowtwins.views.transforms import (
     ViewConfig,
     barlow_twins_views,
     blur_kernel_size,
+    max_shift,
     resolve_normalization,
 )
 
@@ -77,7 +81,7 @@ _PER_SAMPLE_RESIZE_MIN = 96
 # four jitter factors, four order keys, grayscale, blur on/off, blur sigma, solarize. Public,
 # like the kernels below, so that tests can draw the same layout.
 CROP_UNIFORMS = 4 * _CROP_TRIALS
-UNIFORMS_PER_SAMPLE = CROP_UNIFORMS + 14
+UNIFORMS_PER_SAMPLE = CROP_UNIFORMS + 16
 
 
 @dataclass
@@ -118,6 +122,8 @@ class _ViewParams:
     """Per-sample random parameters of one view of a batch."""
 
     boxes: Tensor  # (B, 4): top, left, height, width of the crop, integer-valued
+    shifts: Tensor | None  # (B, 2): whole-pixel shift down and right, None without translation
+    largest_shift: int
     flip: Tensor  # (B,) bool
     jitter: list[_JitterStep]
     grayscale: Tensor | None  # (B,) bool
@@ -340,12 +346,15 @@ class BatchedBarlowTwinsAugment(nn.Module):
         crop, rest = uniforms[:, :CROP_UNIFORMS], uniforms[:, CROP_UNIFORMS:]
         flip, jitter_on, factors, order_keys = rest[:, 0], rest[:, 1], rest[:, 2:6], rest[:, 6:10]
         gray_u, blur_u, sigma_u, solarize_u = rest[:, 10], rest[:, 11], rest[:, 12], rest[:, 13]
+        largest_shift = max_shift(config.translate, self.image_size)
 
         # Grayscale leaves a one-channel image unchanged, as in torchvision.
         gray_prob = config.grayscale_prob if self.channels == 3 else 0.0
         low, high = config.blur_sigma
         return _ViewParams(
             boxes=torch.stack(sample_crop_boxes(crop, height, width, config), dim=1),
+            shifts=sample_shifts(rest[:, 14:16], largest_shift),
+            largest_shift=largest_shift,
             flip=flip < config.hflip_prob,
             jitter=_jitter_steps(config, self.channels, jitter_on, factors, order_keys),
             grayscale=_bernoulli(gray_u, gray_prob),
@@ -368,6 +377,8 @@ class BatchedBarlowTwinsAugment(nn.Module):
             grid_y = crop_axis_map(top, crop_h, height, torch.ones_like(sign))
             assert chunk.grid is not None  # chunks that are not resized per sample have one
             x = resized_crop_grid(chunk.raw, grid_x, grid_y, chunk.grid)
+        if params.shifts is not None:
+            x = translate(x, params.shifts[rows], params.largest_shift)
         x = _color_jitter(x, params.jitter, rows, chunk.scale)
         if params.grayscale is not None:
             x = _on_subset(x, params.grayscale[rows], _grayscale)
@@ -419,6 +430,35 @@ def sample_crop_boxes(
         torch.where(found, crop_h, float(fallback_h)),
         torch.where(found, crop_w, float(fallback_w)),
     )
+
+
+def sample_shifts(uniforms: Tensor, largest: int) -> Tensor | None:
+    """Whole-pixel shifts uniform in ``[-largest, largest]`` from uniforms of shape (B, 2)."""
+    if largest == 0:
+        return None
+    # As in sample_crop_boxes, the minimum guards float rounding of u * n up to n.
+    steps = torch.minimum(torch.floor(uniforms * (2 * largest + 1)), torch.tensor(2.0 * largest))
+    return steps.to(torch.int64) - largest
+
+
+def translate(x: Tensor, shifts: Tensor, largest: int) -> Tensor:
+    """Move each sample of ``x`` (n, C, H, W) by its ``shifts`` (n, 2: down, right) in pixels.
+
+    Pixels moved in from outside the image are 0. One gather from the batch padded by
+    ``largest`` (at least every ``|shift|``) does the whole batch, whatever the shifts.
+    """
+    n, channels, height, width = x.shape
+    pad = largest
+    padded = F.pad(x, (pad, pad, pad, pad))
+    # Output pixel (i, j) of a sample shifted by (dy, dx) is input pixel (i - dy, j - dx).
+    rows = torch.arange(height, device=x.device) + pad - shifts[:, :1]  # (n, H)
+    cols = torch.arange(width, device=x.device) + pad - shifts[:, 1:]  # (n, W)
+    return padded[
+        torch.arange(n, device=x.device)[:, None, None, None],
+        torch.arange(channels, device=x.device)[None, :, None, None],
+        rows[:, None, :, None],
+        cols[:, None, None, :],
+    ]
 
 
 def _fallback_crop(height: int, width: int, ratio: tuple[float, float]) -> tuple[int, int]:

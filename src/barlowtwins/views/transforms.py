@@ -44,6 +44,10 @@ class ViewConfig:
     Attributes:
         crop_scale: Range of the crop area as a fraction of the image area.
         crop_ratio: Range of the crop aspect ratio (width / height), sampled log-uniformly.
+        translate: Largest shift of the cropped view along each axis, as a fraction of its
+            side: the view moves by whole pixels drawn uniformly from [-m, m] per axis, with
+            ``m = floor(translate * image_size)``, and the uncovered border is black (0), as
+            torchvision's ``RandomCrop(image_size, padding=m)``. 0 leaves views in place.
         hflip_prob: Probability of a horizontal flip.
         color_jitter_prob: Probability of applying colour jitter.
         brightness: Brightness factor is drawn from [max(0, 1 - b), 1 + b].
@@ -58,6 +62,7 @@ class ViewConfig:
 
     crop_scale: tuple[float, float] = (0.08, 1.0)
     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    translate: float = 0.0
     hflip_prob: float = 0.5
     color_jitter_prob: float = 0.8
     brightness: float = 0.4
@@ -79,6 +84,8 @@ class ViewConfig:
         low, high = self.crop_ratio
         if not 0.0 < low <= high:
             raise ValueError(f"crop_ratio must satisfy 0 < low <= high, got {self.crop_ratio}")
+        if not 0.0 <= self.translate < 1.0:
+            raise ValueError(f"translate must be in [0, 1), got {self.translate}")
         low, high = self.blur_sigma
         if not 0.0 < low <= high:
             raise ValueError(f"blur_sigma must satisfy 0 < low <= high, got {self.blur_sigma}")
@@ -115,6 +122,7 @@ def barlow_twins_views(
     image_size: int,
     channels: int = 3,
     crop_scale: tuple[float, float] | None = None,
+    translate: float = 0.0,
 ) -> tuple[ViewConfig, ViewConfig]:
     """Return the paper's asymmetric pair of view configurations.
 
@@ -129,6 +137,8 @@ def barlow_twins_views(
         image_size: Side of the square output views in pixels.
         channels: 1 (grayscale) or 3 (RGB).
         crop_scale: Overrides both views' crop area range when given.
+        translate: Both views' largest shift as a fraction of their side (not in the paper;
+            small shifts suit centred objects that crops would cut, e.g. Fashion-MNIST).
 
     Returns:
         The configurations of view A and view B.
@@ -138,7 +148,7 @@ def barlow_twins_views(
     """
     _check_image_size(image_size)
     _check_channels(channels)
-    overrides: dict[str, Any] = {}
+    overrides: dict[str, Any] = {"translate": translate}
     if crop_scale is not None:
         overrides["crop_scale"] = crop_scale
     if channels == 1:
@@ -159,6 +169,11 @@ def default_normalization(channels: int) -> tuple[tuple[float, ...], tuple[float
     if channels == 3:
         return IMAGENET_MEAN, IMAGENET_STD
     return GRAYSCALE_MEAN, GRAYSCALE_STD
+
+
+def max_shift(translate: float, image_size: int) -> int:
+    """The largest shift in pixels of a view of side ``image_size`` (see ``ViewConfig``)."""
+    return math.floor(translate * image_size)
 
 
 def blur_kernel_size(image_size: int) -> int:
@@ -207,7 +222,8 @@ class BarlowTwinsTransform:
     """Two augmented views of one PIL image, for use as a ``Dataset`` transform.
 
     Each view is a torchvision ``transforms.v2`` pipeline applied to the PIL image, as in the
-    paper's released code: random resized crop (bicubic, antialiased), horizontal flip, colour
+    paper's released code: random resized crop (bicubic, antialiased), translation (padded
+    random crop, when ``translate`` > 0), horizontal flip, colour
     jitter, grayscale, Gaussian blur (kernel ~10% of the size, as BYOL's 23 px at 224 px),
     solarisation (threshold 128 on the 8-bit image), then conversion to float and
     normalisation. Randomness comes from torch's global generator, so DataLoader workers draw
@@ -275,6 +291,9 @@ class BarlowTwinsTransform:
                 antialias=True,
             )
         ]
+        shift = max_shift(config.translate, self.image_size)
+        if shift > 0:
+            ops.append(v2.RandomCrop(self.image_size, padding=shift, fill=0))
         if config.hflip_prob > 0:
             ops.append(v2.RandomHorizontalFlip(p=config.hflip_prob))
         colour = self.channels == 3
