@@ -394,3 +394,46 @@ def test_shifts_are_uniform_over_the_range() -> None:
     assert counts.numel() == 7
     assert (counts - 20_000).abs().max() < 600  # ~4.5 standard deviations
     assert augment.sample_shifts(torch.rand(4, 2), 0) is None
+
+
+def test_erasing_sets_one_box_per_sample_to_zero_after_normalisation() -> None:
+    images = _images(32, size=(28, 28)) // 2 + 100  # far from the mean: no accidental zeros
+    erasing = replace(IDENTITY, erase_prob=1.0)
+    aug = BatchedBarlowTwinsAugment(28, view_a=erasing, view_b=IDENTITY)
+    erased, plain = aug(images, _seeded())
+    for view, original in zip(erased, plain, strict=True):
+        zero = (view.abs() < 1e-6).all(dim=0)
+        rows, cols = zero.any(dim=1).nonzero(), zero.any(dim=0).nonzero()
+        box_h, box_w = int(rows.max() - rows.min() + 1), int(cols.max() - cols.min() + 1)
+        assert int(zero.sum()) == box_h * box_w, "the erased pixels are not one rectangle"
+        assert 0.015 * 784 <= box_h * box_w <= 0.34 * 784
+        torch.testing.assert_close(view[:, ~zero], original[:, ~zero])
+
+
+def test_erase_boxes_follow_random_erasing() -> None:
+    """Area and shape of the boxes match torchvision's RandomErasing.get_params."""
+    boxes = augment.sample_erase_boxes(
+        torch.rand(4000, augment.ERASE_UNIFORMS, generator=_seeded()), height=28, width=28
+    )
+    torch.manual_seed(0)
+    image = torch.zeros(1, 28, 28)
+    reference = torch.tensor(
+        [
+            v2.RandomErasing.get_params(image, scale=(0.02, 0.33), ratio=(0.3, 3.3), value=[0])[:4]
+            for _ in range(4000)
+        ],
+        dtype=torch.float32,
+    )  # (top, left, h, w)
+    ours, theirs = boxes[:, 2] * boxes[:, 3], reference[:, 2] * reference[:, 3]
+    assert abs(ours.mean() - theirs.mean()) < 0.05 * theirs.mean()  # areas
+    for column in range(4):
+        assert abs(boxes[:, column].mean() - reference[:, column].mean()) < 0.6
+    assert ((boxes[:, 0] + boxes[:, 2]) <= 28).all() and ((boxes[:, 1] + boxes[:, 3]) <= 28).all()
+
+
+def test_no_erasing_below_its_probability() -> None:
+    images = _images(400, size=(28, 28)) // 2 + 100
+    aug = BatchedBarlowTwinsAugment(28, view_a=replace(IDENTITY, erase_prob=0.25))
+    erased = aug(images, _seeded())[0]
+    share = (erased.abs() < 1e-6).flatten(1).any(dim=1).float().mean()
+    assert 0.18 < share < 0.32

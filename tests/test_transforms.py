@@ -91,6 +91,7 @@ def test_view_config_normalises_ranges_to_float_tuples() -> None:
         {"blur_sigma": (2.0, 1.0)},
         {"translate": -0.1},
         {"translate": 1.0},
+        {"erase_prob": 1.5},
     ],
 )
 def test_invalid_view_config_raises(kwargs: dict[str, object]) -> None:
@@ -282,3 +283,16 @@ def test_transform_rejects_bad_arguments() -> None:
         BarlowTwinsTransform(image_size=32, std=(0.2, 0.0, 0.2))
     with pytest.raises(ValueError):
         BarlowTwinsTransform(image_size=32, channels=4)
+
+
+def test_erasing_sets_a_box_of_the_pil_view_to_zero() -> None:
+    img = _random_rgb((28, 28))
+    erasing = replace(IDENTITY, erase_prob=1.0)
+    view, plain = BarlowTwinsTransform(28, view_a=erasing, view_b=IDENTITY)(img)
+    zero = (view == 0).all(dim=0)
+    assert 0 < int(zero.sum()) <= 0.34 * 28 * 28
+    torch.testing.assert_close(view[:, ~zero], plain[:, ~zero])
+
+
+def test_erase_prob_override_applies_to_both_views() -> None:
+    assert [v.erase_prob for v in barlow_twins_views(28, 1, erase_prob=0.5)] == [0.5, 0.5]

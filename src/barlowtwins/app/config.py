@@ -97,6 +97,9 @@ class FitConfig(BaseModel):
     translate: float = Field(
         ge=0, lt=1, description="largest shift of the views, as a fraction of their side"
     )
+    erase_prob: float = Field(
+        ge=0, le=1, description="probability of random erasing (a box set to the mean)"
+    )
     precision: Literal[PRECISIONS] = Field(  # type: ignore[valid-type]
         description="Lightning precision (auto: bf16-mixed where the hardware runs it fast)"
     )

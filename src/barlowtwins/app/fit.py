@@ -210,6 +210,7 @@ def build_module(config: FitConfig, *, in_channels: int) -> BarlowTwinsModule:
         batch_size=config.batch_size,
         crop_scale=config.crop_scale,
         translate=config.translate,
+        erase_prob=config.erase_prob,
         knn_k=config.knn_k,
     )
     if config.compile:

@@ -45,6 +45,7 @@ HYPERPARAMETERS: tuple[str, ...] = (
     "image_size",
     "crop_scale",
     "translate",
+    "erase_prob",
     "precision",
 )
 
@@ -156,6 +157,7 @@ _SOLO_LEARN = {
     "time_budget": None,
     "crop_scale": (0.08, 1.0),
     "translate": 0.0,
+    "erase_prob": 0.0,
     "precision": AUTO,
 }
 
@@ -198,6 +200,7 @@ RECIPES: dict[str, Recipe] = {
                 # random crops only slowed learning down (README, session 2's table).
                 "crop_scale": (1.0, 1.0),
                 "translate": 0.0,
+                "erase_prob": 0.0,
                 "precision": AUTO,
             },
         ),
@@ -255,6 +258,7 @@ RECIPES: dict[str, Recipe] = {
                 "image_size": 224,
                 "crop_scale": (0.08, 1.0),
                 "translate": 0.0,
+                "erase_prob": 0.0,
                 "precision": AUTO,
             },
         ),

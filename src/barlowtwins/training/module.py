@@ -71,6 +71,7 @@ class BarlowTwinsModule(L.LightningModule):
         batch_size: Batch per device; the global batch is this times devices times nodes.
         crop_scale: Random-resized-crop area range of both views (paper: 0.08-1).
         translate: Largest shift of both views as a fraction of their side (paper: 0).
+        erase_prob: Probability of random erasing in both views (paper: 0).
         mean: Normalisation mean per channel (default: ImageNet / grey).
         std: Normalisation std per channel.
         gather_distributed: Global-batch loss across processes.
@@ -105,6 +106,7 @@ class BarlowTwinsModule(L.LightningModule):
         batch_size: int = 2048,
         crop_scale: tuple[float, float] | None = (0.08, 1.0),
         translate: float = 0.0,
+        erase_prob: float = 0.0,
         mean: tuple[float, ...] | None = None,
         std: tuple[float, ...] | None = None,
         gather_distributed: bool = True,
@@ -124,7 +126,11 @@ class BarlowTwinsModule(L.LightningModule):
         )
         self.mean, self.std = resolve_normalization(in_channels, mean, std)
         view_a, view_b = barlow_twins_views(
-            image_size, in_channels, crop_scale=crop_scale, translate=translate
+            image_size,
+            in_channels,
+            crop_scale=crop_scale,
+            translate=translate,
+            erase_prob=erase_prob,
         )
         self.augment = BatchedBarlowTwinsAugment(
             image_size, in_channels, view_a, view_b, mean=self.mean, std=self.std

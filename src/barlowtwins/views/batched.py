@@ -24,6 +24,9 @@ How each operation relates to torchvision's per-sample pipeline
 * Translation (``translate`` > 0): every sample's cropped view moves by its own whole-pixel
   shift, uniform in ``[-m, m]`` per axis, with a black border, which equals torchvision's
   ``RandomCrop(image_size, padding=m, fill=0)`` after the crop.
+* Random erasing (``erase_prob`` > 0) draws each sample's box as torchvision's
+  ``RandomErasing`` and sets it to the normalisation mean, which is 0 in the normalised view,
+  as ``RandomErasing(value=0)`` after ``Normalize``.
 * Colour jitter equals torchvision's ``ColorJitter`` for every sample: factors uniform in
   ``[max(0, 1 - s), 1 + s]`` (hue in ``[-h, h]``), the operations in a random order drawn
   *per sample*, values clipped to [0, 1] after each one. Brightness, contrast and saturation
@@ -77,11 +80,17 @@ _CPU_CHUNK_ELEMENTS = 1 << 21
 # forward: 1.04x at 64 px, 4x for the resize alone at 32 px); above it the per-sample uint8
 # resize wins (forward 1.1x at 96 and 128 px; the resize alone is 6x faster at 224 px).
 _PER_SAMPLE_RESIZE_MIN = 96
+# RandomErasing's trials (and its area and aspect ranges) before it leaves the image as is.
+_ERASE_TRIALS = 10
+_ERASE_SCALE = (0.02, 0.33)
+_ERASE_RATIO = (0.3, 3.3)
 # Columns of the single uniform draw per sample: crop (4 per trial), flip, jitter on/off,
-# four jitter factors, four order keys, grayscale, blur on/off, blur sigma, solarize. Public,
-# like the kernels below, so that tests can draw the same layout.
+# four jitter factors, four order keys, grayscale, blur on/off, blur sigma, solarize, two
+# shifts, erase on/off, erase box (4 per trial). Public, like the kernels below, so that
+# tests can draw the same layout.
 CROP_UNIFORMS = 4 * _CROP_TRIALS
-UNIFORMS_PER_SAMPLE = CROP_UNIFORMS + 16
+ERASE_UNIFORMS = 4 * _ERASE_TRIALS
+UNIFORMS_PER_SAMPLE = CROP_UNIFORMS + 17 + ERASE_UNIFORMS
 
 
 @dataclass
@@ -130,6 +139,7 @@ class _ViewParams:
     blur: Tensor | None  # (B,) bool
     sigma: Tensor  # (B,)
     solarize: Tensor | None  # (B,) bool
+    erase: Tensor | None  # (B, 4): top, left, height, width; 0 x 0 where nothing is erased
 
 
 class BatchedBarlowTwinsAugment(nn.Module):
@@ -156,6 +166,7 @@ class BatchedBarlowTwinsAugment(nn.Module):
 
     _inv_std: Tensor
     _shift: Tensor
+    _mean: Tensor
 
     def __init__(
         self,
@@ -181,6 +192,7 @@ class BatchedBarlowTwinsAugment(nn.Module):
         )
         self.register_buffer("_inv_std", inv_std, persistent=False)
         self.register_buffer("_shift", shift, persistent=False)
+        self.register_buffer("_mean", torch.tensor(self.mean), persistent=False)
 
     def extra_repr(self) -> str:
         return (
@@ -355,6 +367,12 @@ class BatchedBarlowTwinsAugment(nn.Module):
             boxes=torch.stack(sample_crop_boxes(crop, height, width, config), dim=1),
             shifts=sample_shifts(rest[:, 14:16], largest_shift),
             largest_shift=largest_shift,
+            erase=(
+                sample_erase_boxes(rest[:, 17:], height=self.image_size, width=self.image_size)
+                * (rest[:, 16:17] < config.erase_prob)
+                if config.erase_prob > 0
+                else None
+            ),
             flip=flip < config.hflip_prob,
             jitter=_jitter_steps(config, self.channels, jitter_on, factors, order_keys),
             grayscale=_bernoulli(gray_u, gray_prob),
@@ -387,6 +405,8 @@ class BatchedBarlowTwinsAugment(nn.Module):
             x = _on_subset(x, params.blur[rows], blur, params.sigma[rows])
         if params.solarize is not None:
             x = _on_subset(x, params.solarize[rows], _solarize)
+        if params.erase is not None:
+            x = erase(x, params.erase[rows], self._mean.to(x.device))
         return x
 
 
@@ -459,6 +479,44 @@ def translate(x: Tensor, shifts: Tensor, largest: int) -> Tensor:
         rows[:, None, :, None],
         cols[:, None, None, :],
     ]
+
+
+def sample_erase_boxes(uniforms: Tensor, height: int, width: int) -> Tensor:
+    """Vectorised ``RandomErasing.get_params``: (top, left, h, w) per sample, as floats.
+
+    Each sample tries ten (area, log-ratio) draws and keeps the first whose box fits strictly
+    inside the image, as torchvision does; a sample with none gets an empty box.
+    """
+    u = uniforms.view(-1, _ERASE_TRIALS, 4)
+    log_low, log_high = math.log(_ERASE_RATIO[0]), math.log(_ERASE_RATIO[1])
+    area = height * width * (_ERASE_SCALE[0] + (_ERASE_SCALE[1] - _ERASE_SCALE[0]) * u[..., 0])
+    aspect = torch.exp(log_low + (log_high - log_low) * u[..., 1])
+    # torchvision's RandomErasing takes the aspect ratio as height / width.
+    box_h = torch.round(torch.sqrt(area * aspect))
+    box_w = torch.round(torch.sqrt(area / aspect))
+    fits = (box_h < height) & (box_w < width)
+    first = fits.to(torch.int32).argmax(dim=1, keepdim=True)
+
+    def pick(t: Tensor) -> Tensor:
+        return t.gather(1, first).squeeze(1)
+
+    box_h, box_w = pick(box_h), pick(box_w)
+    top = torch.minimum(torch.floor(pick(u[..., 2]) * (height - box_h + 1)), height - box_h)
+    left = torch.minimum(torch.floor(pick(u[..., 3]) * (width - box_w + 1)), width - box_w)
+    found = fits.any(dim=1, keepdim=True)
+    return torch.stack((top, left, box_h, box_w), dim=1) * found
+
+
+def erase(x: Tensor, boxes: Tensor, fill: Tensor) -> Tensor:
+    """Set each sample's box (top, left, h, w) of ``x`` (n, C, H, W) to ``fill`` (C,)."""
+    height, width = x.shape[2:]
+    top, left, box_h, box_w = boxes.unbind(1)
+    rows = torch.arange(height, device=x.device, dtype=boxes.dtype)
+    cols = torch.arange(width, device=x.device, dtype=boxes.dtype)
+    in_rows = (rows >= top[:, None]) & (rows < (top + box_h)[:, None])  # (n, H)
+    in_cols = (cols >= left[:, None]) & (cols < (left + box_w)[:, None])  # (n, W)
+    inside = (in_rows[:, :, None] & in_cols[:, None, :]).unsqueeze(1)  # (n, 1, H, W)
+    return torch.where(inside, fill.view(1, -1, 1, 1).to(x.dtype), x)
 
 
 def _fallback_crop(height: int, width: int, ratio: tuple[float, float]) -> tuple[int, int]:

@@ -58,6 +58,10 @@ class ViewConfig:
         blur_prob: Probability of a Gaussian blur.
         blur_sigma: Range of the blur's standard deviation in pixels.
         solarize_prob: Probability of solarisation (inverting values >= 0.5).
+        erase_prob: Probability of erasing one random rectangle (2-33 % of the area, aspect
+            0.3-3.3) to the normalisation mean, i.e. to 0 in the normalised view: torchvision's
+            ``RandomErasing(value=0)`` after normalisation (Zhong et al. 2020, arXiv
+            1708.04896). Not in the paper.
     """
 
     crop_scale: tuple[float, float] = (0.08, 1.0)
@@ -73,6 +77,7 @@ class ViewConfig:
     blur_prob: float = 1.0
     blur_sigma: tuple[float, float] = (0.1, 2.0)
     solarize_prob: float = 0.0
+    erase_prob: float = 0.0
 
     def __post_init__(self) -> None:
         """Check every field and normalise the ranges to tuples of floats."""
@@ -95,6 +100,7 @@ class ViewConfig:
             "grayscale_prob",
             "blur_prob",
             "solarize_prob",
+            "erase_prob",
         ):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
@@ -123,6 +129,7 @@ def barlow_twins_views(
     channels: int = 3,
     crop_scale: tuple[float, float] | None = None,
     translate: float = 0.0,
+    erase_prob: float = 0.0,
 ) -> tuple[ViewConfig, ViewConfig]:
     """Return the paper's asymmetric pair of view configurations.
 
@@ -139,6 +146,7 @@ def barlow_twins_views(
         crop_scale: Overrides both views' crop area range when given.
         translate: Both views' largest shift as a fraction of their side (not in the paper;
             small shifts suit centred objects that crops would cut, e.g. Fashion-MNIST).
+        erase_prob: Both views' probability of random erasing (not in the paper).
 
     Returns:
         The configurations of view A and view B.
@@ -148,7 +156,7 @@ def barlow_twins_views(
     """
     _check_image_size(image_size)
     _check_channels(channels)
-    overrides: dict[str, Any] = {"translate": translate}
+    overrides: dict[str, Any] = {"translate": translate, "erase_prob": erase_prob}
     if crop_scale is not None:
         overrides["crop_scale"] = crop_scale
     if channels == 1:
@@ -223,11 +231,11 @@ class BarlowTwinsTransform:
 
     Each view is a torchvision ``transforms.v2`` pipeline applied to the PIL image, as in the
     paper's released code: random resized crop (bicubic, antialiased), translation (padded
-    random crop, when ``translate`` > 0), horizontal flip, colour
-    jitter, grayscale, Gaussian blur (kernel ~10% of the size, as BYOL's 23 px at 224 px),
-    solarisation (threshold 128 on the 8-bit image), then conversion to float and
-    normalisation. Randomness comes from torch's global generator, so DataLoader workers draw
-    independent views.
+    random crop, when ``translate`` > 0), horizontal flip, colour jitter, grayscale, Gaussian
+    blur (kernel ~10% of the size, as BYOL's 23 px at 224 px), solarisation (threshold 128 on
+    the 8-bit image), then conversion to float and normalisation, then random erasing (when
+    ``erase_prob`` > 0). Randomness comes from torch's global generator, so DataLoader
+    workers draw independent views.
 
     Args:
         image_size: Side of the square output views in pixels.
@@ -319,6 +327,8 @@ class BarlowTwinsTransform:
             v2.ToDtype(torch.float32, scale=True),
             v2.Normalize(mean=list(self.mean), std=list(self.std)),
         ]
+        if config.erase_prob > 0:
+            ops.append(v2.RandomErasing(p=config.erase_prob, value=0))
         return v2.Compose(ops)
 
 
