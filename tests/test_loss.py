@@ -8,7 +8,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from _distributed import run_distributed
 from barlowtwins import BarlowTwinsLoss
-from barlowtwins.loss import cross_correlation
+from barlowtwins.loss import cross_correlation, multi_view_loss
 
 # The paper's projector width (Zbontar et al. 2021, section 2).
 _PAPER_DIM = 8192
@@ -311,6 +311,23 @@ def _exactness_worker(rank: int, world_size: int) -> None:
     got, expected = model.module.weight.grad, single.weight.grad
     relative = (got - expected).norm() / expected.norm()
     assert relative < 1e-10, f"rank {rank}: gradient relative error {relative:.3g}"
+    _check_three_views(shard)
+
+
+def _check_three_views(shard: slice) -> None:
+    """The mean over view pairs is exact too: W shards of 3 views equal 1 process."""
+    x_a, x_b = _global_inputs()
+    x_c = x_a.flip(1) + 0.1 * x_b
+    single = _projection()
+    expected_loss = multi_view_loss(BarlowTwinsLoss(), [single(x) for x in (x_a, x_b, x_c)])
+    expected_loss.backward()
+    model = DistributedDataParallel(_projection())
+    criterion = BarlowTwinsLoss(gather_distributed=True)
+    loss = multi_view_loss(criterion, [model(x[shard]) for x in (x_a, x_b, x_c)])
+    loss.backward()
+    torch.testing.assert_close(loss, expected_loss, rtol=1e-10, atol=0)
+    got, expected = model.module.weight.grad, single.weight.grad
+    assert (got - expected).norm() / expected.norm() < 1e-10
 
 
 def test_gather_distributed_equals_one_process_on_global_batch() -> None:
@@ -343,3 +360,13 @@ def _naive_allreduce_worker(rank: int, world_size: int) -> None:
 
 def test_naive_in_place_all_reduce_is_not_exact() -> None:
     run_distributed(_naive_allreduce_worker, 2)
+
+
+def test_multi_view_loss_is_the_mean_over_pairs() -> None:
+    z = [torch.randn(16, 8, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    loss = BarlowTwinsLoss()
+    assert multi_view_loss(loss, z[:2]) == loss(z[0], z[1])
+    pairs = loss(z[0], z[1]) + loss(z[0], z[2]) + loss(z[1], z[2])
+    torch.testing.assert_close(multi_view_loss(loss, z), pairs / 3)
+    with pytest.raises(ValueError, match="at least two views"):
+        multi_view_loss(loss, z[:1])

@@ -126,3 +126,18 @@ def test_mixed_barlow_twins_trains_and_logs_its_term(tmp_path: Path) -> None:
     assert torch.isfinite(metrics["train_loss"])
     # The regulariser is part of the loss: positive for a generic mixing coefficient.
     assert 0 < float(metrics["train_mixed_term"]) < float(metrics["train_loss"])
+
+
+def test_more_views_train_on_the_mean_over_pairs(tmp_path: Path) -> None:
+    module, trainer = _train_tiny(tmp_path, 2, num_views=3)
+    assert torch.isfinite(trainer.callback_metrics["train_loss"])
+    images = load_fashion_mnist("train").head(8).images
+    views = module.make_views(images, torch.Generator().manual_seed(0))
+    assert len(views) == 3 and all(v.shape == (8, 1, 16, 16) for v in views)
+    assert not torch.equal(views[0], views[2]), "the third view repeats the first"
+
+
+@pytest.mark.parametrize("options", [{"num_views": 1}, {"num_views": 3, "mix_weight": 1.0}])
+def test_bad_view_counts_are_rejected(options: dict[str, Any]) -> None:
+    with pytest.raises(ValueError, match="views"):
+        BarlowTwinsModule(backbone="resnet10", in_channels=1, image_size=16, **options)

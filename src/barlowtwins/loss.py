@@ -7,7 +7,8 @@ Reference:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import itertools
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -196,6 +197,33 @@ class _RedundancyReduction(torch.autograd.Function):
         grad_a = (b @ grad_c.T).mul_(factor) if ctx.needs_input_grad[0] else None
         grad_b = (a @ grad_c).mul_(factor) if ctx.needs_input_grad[1] else None
         return grad_a, grad_b, None, None, None, None, None, None
+
+
+def multi_view_loss(
+    criterion: Callable[[Tensor, Tensor], Tensor], embeddings: Sequence[Tensor]
+) -> Tensor:
+    """Mean of a two-view loss over every pair of views of the same images.
+
+    With more than two augmented views per image the Barlow Twins objective is estimated from
+    more of the augmentation distribution per step (Agrawal, Ghosh, Oberman, Richards,
+    "Addressing Sample Inefficiency in Multi-View Representation Learning", arXiv
+    2312.10725). For two views this is ``criterion(z_0, z_1)``. Each pair is one call of
+    ``criterion``, so a :class:`BarlowTwinsLoss` stays exact under distribution.
+
+    Args:
+        criterion: A loss of two views' embeddings, e.g. :class:`BarlowTwinsLoss`.
+        embeddings: The views' embeddings, each of shape (N, D), row i from image i.
+
+    Raises:
+        ValueError: With fewer than two views.
+    """
+    pairs = list(itertools.combinations(embeddings, 2))
+    if not pairs:
+        raise ValueError(f"need at least two views, got {len(embeddings)}")
+    total = criterion(*pairs[0])
+    for z_a, z_b in pairs[1:]:
+        total = total + criterion(z_a, z_b)
+    return total / len(pairs)
 
 
 def cross_correlation(z_a: Tensor, z_b: Tensor, *, gather_distributed: bool = False) -> Tensor:

@@ -32,7 +32,7 @@ _FORWARD_SHARE = 1 / 3
 def measure_step_seconds(
     module: BarlowTwinsModule, images: torch.Tensor, *, precision: str, cpu_convolutions: bool
 ) -> float:
-    """Seconds of one training step (both views, loss, backward, optimiser) on ``images``.
+    """Seconds of one training step (the views, loss, backward, optimiser) on ``images``.
 
     Runs on a copy of the module, so the run itself starts from its untouched initial state.
     """
@@ -47,18 +47,12 @@ def measure_step_seconds(
     timings = []
     for step in range(_WARMUP_STEPS + _TIMED_STEPS):
         started = time.perf_counter()
-        view_a, view_b = (
+        views = [
             v.contiguous(memory_format=torch.channels_last)
-            for v in probe.augment(images, generator)
-        )
+            for v in probe.make_views(images, generator)
+        ]
         with autocast("cpu", precision):
-            z_a, z_b = probe.model(view_a), probe.model(view_b)
-            if probe.mixup is None:
-                loss = probe.criterion(z_a, z_b)
-            else:  # Mixed Barlow Twins embeds a third batch each step
-                mixed = probe.mixup(view_a, view_b, step=step)
-                z_mixed = probe.model(mixed.images.contiguous(memory_format=torch.channels_last))
-                loss = probe.mixed_criterion(z_a, z_b, z_mixed, mixed.alpha, mixed.permutation)
+            loss = probe.step_loss(views, step)[0]
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -74,6 +68,7 @@ def epochs_for_budget(
     steps_per_epoch: int,
     batch_size: int,
     monitor_images: int,
+    views: int = 2,
 ) -> int:
     """Whole epochs of ``steps_per_epoch`` steps (plus the kNN monitor) that fit ``minutes``.
 
@@ -83,11 +78,12 @@ def epochs_for_budget(
         steps_per_epoch: Optimiser steps per epoch.
         batch_size: Images per step (per process).
         monitor_images: Images the per-epoch kNN monitor embeds (bank and queries).
+        views: Views embedded per image in a training step.
 
     Returns:
         At least 1.
     """
-    forward_per_image = step_seconds * _FORWARD_SHARE / (2 * batch_size)
+    forward_per_image = step_seconds * _FORWARD_SHARE / (views * batch_size)
     epoch_seconds = (
         steps_per_epoch * step_seconds * _LOOP_OVERHEAD + monitor_images * forward_per_image
     )

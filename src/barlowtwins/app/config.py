@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from barlowtwins.app.recipes import (
     AUTO,
@@ -76,6 +76,9 @@ class FitConfig(BaseModel):
     mix_weight: float = Field(
         ge=0, description="Mixed Barlow Twins regulariser weight (0: plain Barlow Twins)"
     )
+    num_views: int = Field(
+        ge=2, description="augmented views per image; the loss averages every pair"
+    )
     optimizer: Literal["lars", "sgd", "adamw"] = Field(description="lars, sgd or adamw")
     lr_weights: float = Field(gt=0, description="base LR of weights (x global batch / 256)")
     lr_biases: float = Field(gt=0, description="base LR of biases and norms")
@@ -110,6 +113,14 @@ class FitConfig(BaseModel):
         if min(dims) < 1:
             raise ValueError(f"projector dims must be positive, got {list(dims)}")
         return dims
+
+    @model_validator(mode="after")
+    def _two_views_for_mixed_barlow_twins(self) -> FitConfig:
+        if self.num_views > 2 and self.mix_weight > 0:
+            raise ValueError(
+                f"Mixed Barlow Twins (mix_weight > 0) takes 2 views, got num_views {self.num_views}"
+            )
+        return self
 
     @field_validator("crop_scale")
     @classmethod

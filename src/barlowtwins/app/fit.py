@@ -174,6 +174,8 @@ def _fit_to_budget(
         steps_per_epoch=len(train) // config.batch_size,
         batch_size=config.batch_size,
         monitor_images=monitor,
+        # Mixed Barlow Twins embeds a mixed batch besides the views.
+        views=config.num_views + (1 if config.mix_weight > 0 else 0),
     )
     _log.info(
         "time budget %.1f min: %.3f s per step of %d images -> %d epochs",
@@ -197,6 +199,7 @@ def build_module(config: FitConfig, *, in_channels: int) -> BarlowTwinsModule:
         lambda_param=config.lambda_param,
         scale_loss=config.scale_loss,
         mix_weight=config.mix_weight,
+        num_views=config.num_views,
         mix_seed=config.seed,
         optimizer=config.optimizer,
         lr_weights=config.lr_weights,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from typing import Any
 
 import lightning as L
@@ -11,7 +13,7 @@ from torchvision.models import ResNet
 
 from barlowtwins.evaluation import knn_accuracy, prepare_images
 from barlowtwins.health import loss_terms, step_metrics
-from barlowtwins.loss import BarlowTwinsLoss, NonFiniteLossError
+from barlowtwins.loss import BarlowTwinsLoss, NonFiniteLossError, multi_view_loss
 from barlowtwins.mixed_loss import MixedBarlowTwinsLoss, MixUp
 from barlowtwins.model import BarlowTwins
 from barlowtwins.nn.convolution import use_small_output_convolutions
@@ -59,6 +61,9 @@ class BarlowTwinsModule(L.LightningModule):
             arXiv 2312.02151; :class:`~barlowtwins.mixed_loss.MixedBarlowTwinsLoss`); 0 trains
             plain Barlow Twins. Each step then also embeds a mixup of the two views.
         mix_seed: Seed of the mixup coefficients and permutations (drawn per step).
+        num_views: Augmented views per image (paper: 2); the loss is the mean over every
+            pair (:func:`~barlowtwins.loss.multi_view_loss`). Views alternate between the
+            paper's first and second view. Each view costs one forward and backward pass.
         optimizer: "lars" (the paper's), "sgd" or "adamw".
         lr_weights: Base learning rate of weights (scaled by global batch / 256 for LARS/SGD).
         lr_biases: Base learning rate of biases and norm parameters.
@@ -94,6 +99,7 @@ class BarlowTwinsModule(L.LightningModule):
         scale_loss: float = 1.0,
         mix_weight: float = 0.0,
         mix_seed: int = 0,
+        num_views: int = 2,
         optimizer: str = "lars",
         lr_weights: float = 0.2,
         lr_biases: float = 0.0048,
@@ -116,6 +122,10 @@ class BarlowTwinsModule(L.LightningModule):
         knn_temperature: float = 0.1,
     ) -> None:
         super().__init__()
+        if num_views < 2:
+            raise ValueError(f"num_views must be at least 2, got {num_views}")
+        if num_views > 2 and mix_weight > 0:
+            raise ValueError("Mixed Barlow Twins (mix_weight > 0) takes exactly two views")
         self.save_hyperparameters()
         self.model = BarlowTwins.from_name(
             backbone,
@@ -164,23 +174,39 @@ class BarlowTwinsModule(L.LightningModule):
         images, labels, _ = batch
         if self._trainer is not None and self.trainer.training:
             # Augmenting here runs on the device, outside autocast: the views are float32.
-            views = self.augment(images)
+            views = self.make_views(images)
         else:
-            views = (prepare_images(images, self.mean, self.std, self.hparams.image_size),)
+            views = [prepare_images(images, self.mean, self.std, self.hparams.image_size)]
         return [v.contiguous(memory_format=self._memory_format) for v in views], labels
 
-    def training_step(self, batch: Any, batch_idx: int) -> dict[str, Any]:
-        (view_a, view_b), _ = batch
-        z_a, z_b = self.model(view_a), self.model(view_b)
+    def make_views(self, images: Tensor, generator: torch.Generator | None = None) -> list[Tensor]:
+        """The ``num_views`` augmented views of a batch: view A, view B, view A, ..."""
+        pairs = math.ceil(self.hparams.num_views / 2)
+        views = [view for _ in range(pairs) for view in self.augment(images, generator)]
+        return views[: self.hparams.num_views]
+
+    def step_loss(self, views: Sequence[Tensor], step: int) -> tuple[Tensor, Tensor, Tensor | None]:
+        """The training loss of one step's views.
+
+        Returns:
+            The loss, the first view's embeddings, and Mixed Barlow Twins' regulariser term
+            (None for plain Barlow Twins).
+        """
+        embeddings = [self.model(view) for view in views]
         if self.mixup is None:
-            loss = self.criterion(z_a, z_b)
-        else:
-            # Mixed Barlow Twins: the same step number gives every rank the same permutation.
-            mixed = self.mixup(view_a, view_b, step=self.global_step)
-            z_mixed = self.model(mixed.images.contiguous(memory_format=self._memory_format))
-            terms = self.mixed_criterion.terms(z_a, z_b, z_mixed, mixed.alpha, mixed.permutation)
-            self.log("train_mixed_term", terms.mixed, on_step=True, on_epoch=True)
-            loss = terms.barlow_twins + terms.mixed
+            return multi_view_loss(self.criterion, embeddings), embeddings[0], None
+        # Mixed Barlow Twins: the same step number gives every rank the same permutation.
+        z_a, z_b = embeddings
+        mixed = self.mixup(*views, step=step)
+        z_mixed = self.model(mixed.images.contiguous(memory_format=self._memory_format))
+        terms = self.mixed_criterion.terms(z_a, z_b, z_mixed, mixed.alpha, mixed.permutation)
+        return terms.barlow_twins + terms.mixed, z_a, terms.mixed
+
+    def training_step(self, batch: Any, batch_idx: int) -> dict[str, Any]:
+        views, _ = batch
+        loss, z_a, mixed_term = self.step_loss(views, self.global_step)
+        if mixed_term is not None:
+            self.log("train_mixed_term", mixed_term, on_step=True, on_epoch=True)
         if not torch.isfinite(loss):
             raise NonFiniteLossError(
                 f"loss became {loss.item()} at step {self.global_step}; lower the learning "
