@@ -197,7 +197,8 @@ class BarlowTwinsModule(L.LightningModule):
             return multi_view_loss(self.criterion, embeddings), embeddings[0], None
         # Mixed Barlow Twins: the same step number gives every rank the same permutation.
         z_a, z_b = embeddings
-        mixed = self.mixup(*views, step=step)
+        view_a, view_b = views
+        mixed = self.mixup(view_a, view_b, step=step)
         z_mixed = self.model(mixed.images.contiguous(memory_format=self._memory_format))
         terms = self.mixed_criterion.terms(z_a, z_b, z_mixed, mixed.alpha, mixed.permutation)
         return terms.barlow_twins + terms.mixed, z_a, terms.mixed
