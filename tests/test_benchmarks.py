@@ -60,3 +60,27 @@ def test_benchmark_prints_its_comparisons(script: str, options: list[str], summa
     assert len(_SUMMARY.findall(result.stdout)) == summaries, result.stdout[-2000:]
     if script in _REQUIRED_LINES:
         assert _REQUIRED_LINES[script].search(result.stdout), result.stdout[-2000:]
+
+
+@pytest.mark.slow
+def test_quality_benchmark_compares_and_plots_time_to_accuracy(tmp_path: Path) -> None:
+    """A toy fit (512 images, 2 epochs), lightly for as long, both curves and the plot."""
+    plot = tmp_path / "time_to_accuracy.png"
+    fit_args = ["--max-samples", "512", "--epochs", "2", "--batch-size", "64"]
+    fit_args += ["--val-max-samples", "200", "--knn-bank-size", "256", "--projector-dims", "32"]
+    options = ["--threads", "1", "--workers", "0", "--plot", str(plot)]
+    result = subprocess.run(
+        [sys.executable, "benchmarks/quality.py", *options, "--fit-args", *fit_args, "--no-plots"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert len(_SUMMARY.findall(result.stdout)) == 1, result.stdout[-2000:]
+    curves = re.findall(r"^  (barlowtwins|lightly): +(.+)$", result.stdout, re.MULTILINE)
+    assert [name for name, _ in curves] == ["barlowtwins", "lightly"]
+    # One point per epoch for each side: lightly is scored when its clock passes each epoch's.
+    assert all(len(re.findall(r"[\d.]+ min [\d.]+ %", points)) == 2 for _, points in curves)
+    assert plot.stat().st_size > 10_000
