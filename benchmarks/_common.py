@@ -22,7 +22,6 @@ import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from PIL import Image
@@ -274,7 +273,7 @@ def describe_machine(device: torch.device) -> str:
     except ImportError:
         lightly_version = "not installed"
     lines = [
-        f"CPU: {_cpu_model()} ({os.cpu_count()} logical cores, "
+        f"CPU: {_precision.cpu_name()} ({os.cpu_count()} logical cores, "
         f"{len(os.sched_getaffinity(0))} usable, "
         f"torch CPU capability {torch.backends.cpu.get_cpu_capability()})",
         f"load average: {' '.join(f'{x:.2f}' for x in os.getloadavg())} (other processes "
@@ -291,16 +290,6 @@ def describe_machine(device: torch.device) -> str:
     else:
         lines.append("CUDA device: none used")
     return "\n".join(lines)
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def require_lightly() -> None:

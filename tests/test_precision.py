@@ -25,6 +25,7 @@ from barlowtwins.precision import (
     PRECISIONS,
     autocast,
     autocast_dtype,
+    cpu_name,
     cpu_supports_bf16,
     default_precision,
     read_cpu_flags,
@@ -194,3 +195,11 @@ def test_fit_trains_saves_and_scores_on_either_default_path(
     assert knn["test_images"] == 100
     for name in ("barlow twins", "random init", "raw pixels"):
         assert 0.0 < knn[name] <= 100.0
+
+
+def test_cpu_name_reads_the_model_name_line() -> None:
+    cpuinfo = (
+        "processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC 9B14\nflags\t: sse\n"
+    )
+    assert cpu_name(cpuinfo) == "AMD EPYC 9B14"
+    assert cpu_name("processor\t: 0\n")  # no model name line: the platform's words

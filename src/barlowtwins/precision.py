@@ -8,6 +8,7 @@ forward pass under ``torch.autocast`` with float32 weights, ``32`` is plain floa
 
 from __future__ import annotations
 
+import platform
 from collections.abc import Collection
 from pathlib import Path
 
@@ -33,6 +34,23 @@ _AUTOCAST_DTYPES: dict[str, torch.dtype | None] = {
 # on slow fallback kernels (benchmarks/README.md), so float32 is the faster choice there.
 BF16_CPU_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
 _CPUINFO = Path("/proc/cpuinfo")
+
+
+def cpu_name(cpuinfo: str | None = None) -> str:
+    """The processor's model name from ``/proc/cpuinfo`` (or the platform's own words).
+
+    Args:
+        cpuinfo: The text of a ``/proc/cpuinfo``; read from this machine when ``None``.
+    """
+    if cpuinfo is None:
+        try:
+            cpuinfo = _CPUINFO.read_text()
+        except OSError:
+            cpuinfo = ""
+    for key, _, value in (line.partition(":") for line in cpuinfo.splitlines()):
+        if key.strip() == "model name":
+            return value.strip()
+    return platform.processor() or platform.machine() or "unknown CPU"
 
 
 def read_cpu_flags(cpuinfo: str | None = None) -> frozenset[str]:

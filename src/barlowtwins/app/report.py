@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import platform
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -14,6 +13,7 @@ from torch import nn
 from barlowtwins.backbones import build_backbone
 from barlowtwins.data import ImageDataset, InMemoryImages
 from barlowtwins.evaluation import extract_features, knn_accuracy, raw_pixel_features
+from barlowtwins.precision import cpu_name
 from barlowtwins.training.checkpoint import EncoderInfo
 
 _log = logging.getLogger("barlowtwins")
@@ -163,7 +163,7 @@ def describe_hardware(trainer: Any) -> dict[str, Any]:
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
     else:
-        name = _cpu_name() + f", {torch.get_num_threads()} threads"
+        name = cpu_name() + f", {torch.get_num_threads()} threads"
     return {
         "device": name,
         "accelerator": device.type,
@@ -172,13 +172,3 @@ def describe_hardware(trainer: Any) -> dict[str, Any]:
         "precision": str(trainer.precision),
         "torch": torch.__version__,
     }
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown CPU"
