@@ -1,8 +1,8 @@
 """Quality at equal wall-clock: ``barlowtwins fit`` defaults vs lightly's example recipe.
 
 1. barlowtwins: ``python -m barlowtwins fit`` with its defaults (Fashion-MNIST, offline) in a
-   fresh output directory; its ``results.json`` gives the test kNN accuracy and the minutes
-   its ``trainer.fit`` took.
+   fresh output directory (or the finished run given by ``--run``); its ``results.json``
+   gives the test kNN accuracy and the minutes its ``trainer.fit`` took.
 2. lightly: the recipe of its Barlow Twins example (``examples/pytorch/barlowtwins.py``):
    ``BYOLTransform`` views on PIL images in a DataLoader, ``BarlowTwinsProjectionHead(512,
    2048, 2048)``, ``BarlowTwinsLoss``, SGD at lr 0.06, batch 256, float32, on the same
@@ -64,6 +64,12 @@ def _parse_args() -> argparse.Namespace:
         "--output",
         type=Path,
         help="directory of barlowtwins' run (default: a temporary one); must not exist",
+    )
+    parser.add_argument(
+        "--run",
+        type=Path,
+        help="a finished fit run (e.g. the quickstart's runs/barlowtwins) to compare instead of "
+        "training one; it must have run on this machine, alone, for its minutes to count",
     )
     parser.add_argument(
         "--workers",
@@ -247,10 +253,16 @@ def main() -> None:
     machine = _common.describe_machine(device)
     print(machine)
     with tempfile.TemporaryDirectory() as scratch:
-        output = args.output or Path(scratch) / "barlowtwins"
-        if output.exists():
-            raise SystemExit(f"{output} exists; give a new --output (fit would resume it)")
-        ours = _run_barlowtwins(output, args.fit_args)
+        if args.run is not None:
+            output = args.run
+            if not (output / "results.json").is_file():
+                raise SystemExit(f"{output} is not a finished fit run (no results.json)")
+            ours = json.loads((output / "results.json").read_text())
+        else:
+            output = args.output or Path(scratch) / "barlowtwins"
+            if output.exists():
+                raise SystemExit(f"{output} exists; give a new --output (fit would resume it)")
+            ours = _run_barlowtwins(output, args.fit_args)
         our_curve = _online_curve(output)
         config = yaml.safe_load((output / "config.yaml").read_text())
     knn = ours["knn"]

@@ -65,22 +65,28 @@ def test_benchmark_prints_its_comparisons(script: str, options: list[str], summa
 @pytest.mark.slow
 def test_quality_benchmark_compares_and_plots_time_to_accuracy(tmp_path: Path) -> None:
     """A toy fit (512 images, 2 epochs), lightly for as long, both curves and the plot."""
-    plot = tmp_path / "time_to_accuracy.png"
+    plot, run = tmp_path / "time_to_accuracy.png", tmp_path / "run"
     fit_args = ["--max-samples", "512", "--epochs", "2", "--batch-size", "64"]
     fit_args += ["--val-max-samples", "200", "--knn-bank-size", "256", "--projector-dims", "32"]
-    options = ["--threads", "1", "--workers", "0", "--plot", str(plot)]
-    result = subprocess.run(
-        [sys.executable, "benchmarks/quality.py", *options, "--fit-args", *fit_args, "--no-plots"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
-    assert len(_SUMMARY.findall(result.stdout)) == 1, result.stdout[-2000:]
-    curves = re.findall(r"^  (barlowtwins|lightly): +(.+)$", result.stdout, re.MULTILINE)
-    assert [name for name, _ in curves] == ["barlowtwins", "lightly"]
-    # One point per epoch for each side: lightly is scored when its clock passes each epoch's.
-    assert all(len(re.findall(r"[\d.]+ min [\d.]+ %", points)) == 2 for _, points in curves)
-    assert plot.stat().st_size > 10_000
+    fit_args += ["--no-plots"]
+    ours = []
+    # Once training its own fit run, once comparing that finished run (--run).
+    for source in (["--output", str(run), "--fit-args", *fit_args], ["--run", str(run)]):
+        options = ["--threads", "1", "--workers", "0", "--plot", str(plot), *source]
+        result = subprocess.run(
+            [sys.executable, "benchmarks/quality.py", *options],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=600,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+        assert len(_SUMMARY.findall(result.stdout)) == 1, result.stdout[-2000:]
+        curves = re.findall(r"^  (barlowtwins|lightly): +(.+)$", result.stdout, re.MULTILINE)
+        assert [name for name, _ in curves] == ["barlowtwins", "lightly"]
+        # One point per epoch a side: lightly is scored when its clock passes each epoch's.
+        assert all(len(re.findall(r"[\d.]+ min [\d.]+ %", points)) == 2 for _, points in curves)
+        assert plot.stat().st_size > 10_000
+        ours.append(curves[0][1])
+    assert ours[0] == ours[1], "--run did not compare the finished run's own curve"
