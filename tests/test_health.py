@@ -14,6 +14,7 @@ from PIL import Image
 
 from barlowtwins import BarlowTwinsLoss
 from barlowtwins.app.cli import main
+from barlowtwins.app.recipes import DEFAULT_RECIPE, get_recipe
 from barlowtwins.data import InMemoryImages, load_fashion_mnist
 from barlowtwins.health import (
     EFFECTIVE_RANK,
@@ -212,7 +213,8 @@ def test_fit_logs_health_metrics_and_plots_them(tmp_path: Path) -> None:
     invariance, redundancy = float(row[INVARIANCE]), float(row[REDUNDANCY])
     # The logged terms add up to the logged loss of the same step.
     loss = float(row["train_loss_step"])
-    assert float(row[WEIGHTED_REDUNDANCY]) == pytest.approx(5e-3 * redundancy, rel=1e-5)
+    lambda_param = get_recipe(DEFAULT_RECIPE).values["lambda_param"]
+    assert float(row[WEIGHTED_REDUNDANCY]) == pytest.approx(lambda_param * redundancy, rel=1e-5)
     assert invariance + float(row[WEIGHTED_REDUNDANCY]) == pytest.approx(loss, rel=1e-5)
     assert float(row[LOSS_PER_FEATURE]) == pytest.approx(loss / 64, rel=1e-5)
     assert 0 < float(row[EMBEDDING_STD]) <= 1
