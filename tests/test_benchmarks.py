@@ -35,6 +35,22 @@ _REQUIRED_LINES = {
 }
 
 
+def _run(script: str, options: list[str], timeout: int) -> subprocess.CompletedProcess[str]:
+    """``benchmarks/SCRIPT`` on one thread (options last: --fit-args takes the rest); it must
+    succeed without a traceback."""
+    result = subprocess.run(
+        [sys.executable, f"benchmarks/{script}", "--threads", "1", *options],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    return result
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("script", "options", "summaries"),
@@ -47,16 +63,7 @@ _REQUIRED_LINES = {
     ],
 )
 def test_benchmark_prints_its_comparisons(script: str, options: list[str], summaries: int) -> None:
-    result = subprocess.run(
-        [sys.executable, f"benchmarks/{script}", *options, "--repeats", "1", "--threads", "1"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
-    assert "Traceback" not in result.stderr
+    result = _run(script, [*options, "--repeats", "1"], timeout=300)
     assert len(_SUMMARY.findall(result.stdout)) == summaries, result.stdout[-2000:]
     if script in _REQUIRED_LINES:
         assert _REQUIRED_LINES[script].search(result.stdout), result.stdout[-2000:]
@@ -72,16 +79,7 @@ def test_quality_benchmark_compares_and_plots_time_to_accuracy(tmp_path: Path) -
     ours = []
     # Once training its own fit run, once comparing that finished run (--run).
     for source in (["--output", str(run), "--fit-args", *fit_args], ["--run", str(run)]):
-        options = ["--threads", "1", "--workers", "0", "--plot", str(plot), *source]
-        result = subprocess.run(
-            [sys.executable, "benchmarks/quality.py", *options],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=600,
-            env={**os.environ, "OMP_NUM_THREADS": "1"},
-        )
-        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+        result = _run("quality.py", ["--workers", "0", "--plot", str(plot), *source], timeout=600)
         assert len(_SUMMARY.findall(result.stdout)) == 1, result.stdout[-2000:]
         curves = re.findall(r"^  (barlowtwins|lightly): +(.+)$", result.stdout, re.MULTILINE)
         assert [name for name, _ in curves] == ["barlowtwins", "lightly"]
