@@ -121,7 +121,8 @@ def test_cpu_convolutions_are_swapped_in_on_cpu_only_when_enabled(
 
 
 def test_mixed_barlow_twins_trains_and_logs_its_term(tmp_path: Path) -> None:
-    _, trainer = _train_tiny(tmp_path, 2, mix_weight=4.0)
+    module, trainer = _train_tiny(tmp_path, 2, mix_weight=4.0)
+    assert module.batches_per_step == 3  # both views and the mixed batch
     metrics = trainer.callback_metrics
     assert torch.isfinite(metrics["train_loss"])
     # The regulariser is part of the loss: positive for a generic mixing coefficient.
@@ -133,7 +134,8 @@ def test_more_views_train_on_the_mean_over_pairs(tmp_path: Path) -> None:
     assert torch.isfinite(trainer.callback_metrics["train_loss"])
     images = load_fashion_mnist("train").head(8).images
     views = module.make_views(images, torch.Generator().manual_seed(0))
-    assert len(views) == 3 and all(v.shape == (8, 1, 16, 16) for v in views)
+    assert len(views) == module.batches_per_step == 3
+    assert all(v.shape == (8, 1, 16, 16) for v in views)
     assert not torch.equal(views[0], views[2]), "the third view repeats the first"
 
 

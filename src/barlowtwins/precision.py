@@ -36,6 +36,14 @@ BF16_CPU_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
 _CPUINFO = Path("/proc/cpuinfo")
 
 
+def _read_cpuinfo() -> str:
+    """This machine's ``/proc/cpuinfo``; empty where there is none (macOS, Windows)."""
+    try:
+        return _CPUINFO.read_text()
+    except OSError:
+        return ""
+
+
 def cpu_name(cpuinfo: str | None = None) -> str:
     """The processor's model name from ``/proc/cpuinfo`` (or the platform's own words).
 
@@ -43,10 +51,7 @@ def cpu_name(cpuinfo: str | None = None) -> str:
         cpuinfo: The text of a ``/proc/cpuinfo``; read from this machine when ``None``.
     """
     if cpuinfo is None:
-        try:
-            cpuinfo = _CPUINFO.read_text()
-        except OSError:
-            cpuinfo = ""
+        cpuinfo = _read_cpuinfo()
     for key, _, value in (line.partition(":") for line in cpuinfo.splitlines()):
         if key.strip() == "model name":
             return value.strip()
@@ -64,10 +69,7 @@ def read_cpu_flags(cpuinfo: str | None = None) -> frozenset[str]:
         is missing or unreadable, as on macOS and Windows, or has no ``flags`` line.
     """
     if cpuinfo is None:
-        try:
-            cpuinfo = _CPUINFO.read_text()
-        except OSError:
-            return frozenset()
+        cpuinfo = _read_cpuinfo()
     per_processor = [
         frozenset(value.split())
         for key, _, value in (line.partition(":") for line in cpuinfo.splitlines())

@@ -80,7 +80,8 @@ def epochs_for_budget(
         steps_per_epoch: Optimiser steps per epoch.
         batch_size: Images per step (per process).
         monitor_images: Images the per-epoch kNN monitor embeds (bank and queries).
-        views: Views embedded per image in a training step.
+        views: Batches embedded in a training step
+            (:attr:`~barlowtwins.training.module.BarlowTwinsModule.batches_per_step`).
 
     Returns:
         At least 1.

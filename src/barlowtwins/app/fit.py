@@ -174,8 +174,7 @@ def _fit_to_budget(
         steps_per_epoch=len(train) // config.batch_size,
         batch_size=config.batch_size,
         monitor_images=monitor,
-        # Mixed Barlow Twins embeds a mixed batch besides the views.
-        views=config.num_views + (1 if config.mix_weight > 0 else 0),
+        views=module.batches_per_step,
     )
     _log.info(
         "time budget %.1f min: %.3f s per step of %d images -> %d epochs",

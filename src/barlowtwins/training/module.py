@@ -185,6 +185,11 @@ class BarlowTwinsModule(L.LightningModule):
         views = [view for _ in range(pairs) for view in self.augment(images, generator)]
         return views[: self.hparams.num_views]
 
+    @property
+    def batches_per_step(self) -> int:
+        """Batches a training step embeds: the views, and Mixed Barlow Twins' mixed batch."""
+        return self.hparams.num_views + (0 if self.mixup is None else 1)
+
     def step_loss(self, views: Sequence[Tensor], step: int) -> tuple[Tensor, Tensor, Tensor | None]:
         """The training loss of one step's views.
 
