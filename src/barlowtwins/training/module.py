@@ -187,7 +187,7 @@ class BarlowTwinsModule(L.LightningModule):
 
     @property
     def batches_per_step(self) -> int:
-        """Batches a training step embeds: the views, and Mixed Barlow Twins' mixed batch."""
+        """How many batches a training step embeds (the views, and any mixed batch)."""
         return self.hparams.num_views + (0 if self.mixup is None else 1)
 
     def step_loss(self, views: Sequence[Tensor], step: int) -> tuple[Tensor, Tensor, Tensor | None]:
