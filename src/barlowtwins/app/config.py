@@ -208,7 +208,7 @@ def _recipe_values(recipe: Recipe, user: dict[str, Any], spec: DataSpec) -> dict
     needs_data = recipe.adapt is not None and any(k != "precision" for k in pending)
     summary = None
     if needs_data and spec.path is not None:
-        from barlowtwins.data.sources import summarize_folder
+        from barlowtwins.data.folders import summarize_folder
 
         summary = summarize_folder(spec.path)
     values = recipe.resolved(summary)
@@ -237,7 +237,7 @@ def _resolve_run_autos(values: dict[str, Any], spec: DataSpec) -> None:
 
 def _folder_workers(spec: DataSpec, values: dict[str, Any]) -> int:
     """Workers for a folder: none when it is decoded once into memory, else one per core."""
-    from barlowtwins.data.sources import fits_in_memory
+    from barlowtwins.data.folders import fits_in_memory
 
     assert spec.path is not None
     size, channels = int(values["image_size"]), 1 if values.get("channels") == 1 else 3

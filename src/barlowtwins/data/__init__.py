@@ -4,22 +4,26 @@ A data spec string (``"fashion-mnist:test"``, a folder path) is parsed once into
 :class:`~barlowtwins.data.spec.DataSpec`; :func:`load_data` turns it into a dataset.
 """
 
-from barlowtwins.data.sources import (
-    FASHION_MNIST_CLASSES,
-    FASHION_MNIST_ENV,
-    FASHION_MNIST_SYSTEM_DIR,
-    IMAGE_EXTENSIONS,
+from barlowtwins.data.datasets import (
     DataError,
     ImageDataset,
     InMemoryImages,
-    LazyImageFolder,
     dataset_stats,
-    fits_in_memory,
-    load_data,
+)
+from barlowtwins.data.fashion_mnist import (
+    FASHION_MNIST_CLASSES,
+    FASHION_MNIST_ENV,
+    FASHION_MNIST_SYSTEM_DIR,
     load_fashion_mnist,
+)
+from barlowtwins.data.folders import (
+    IMAGE_EXTENSIONS,
+    LazyImageFolder,
+    fits_in_memory,
     load_image_folder,
     summarize_folder,
 )
+from barlowtwins.data.sources import load_data
 from barlowtwins.data.spec import DataSpec, DataSummary
 
 __all__ = [
