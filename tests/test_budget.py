@@ -1,13 +1,14 @@
-"""Tests for barlowtwins.app.budget: a wall-clock budget sets the epochs from a measured step."""
+"""Tests for barlowtwins.app.budget: a wall-clock budget sets the schedule from a measured step."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
-from barlowtwins.app.budget import epochs_for_budget
+from barlowtwins.app.budget import schedule_for_budget
 from barlowtwins.app.cli import main
 from barlowtwins.app.config import ConfigError, load_fit_config
 from barlowtwins.app.fit import prepare
@@ -26,31 +27,80 @@ _TINY = {
 }
 
 
-def test_epochs_fill_the_budget_with_the_monitor_included() -> None:
-    # 100 steps of 0.5 s (x1.2 loop overhead) plus 20 000 monitor images at a sixth of
-    # 0.5 s / 512 each: 66.5 s an epoch; 10 minutes hold 9 of them.
-    epochs = epochs_for_budget(
+def test_the_schedule_fills_the_budget_with_the_monitor_included() -> None:
+    # Full epochs of 100 steps of 0.5 s (x1.2 loop overhead) plus 20 000 monitor images at a
+    # sixth of 0.5 s / 512 each take 66.5 s. 10 minutes hold 9.02 of them: 9 full epochs
+    # (900 steps) beat 10 of the 89 steps that fit beside a tenth monitor (890).
+    assert schedule_for_budget(
         10, step_seconds=0.5, steps_per_epoch=100, batch_size=256, monitor_images=20_000
-    )
-    assert epochs == 9
-    assert (
-        epochs_for_budget(
-            0.01, step_seconds=0.5, steps_per_epoch=100, batch_size=256, monitor_images=0
+    ) == (9, 100)
+    # 5 minutes hold 4.51: 5 epochs of 89 steps (445) beat 4 full ones (400).
+    assert schedule_for_budget(
+        5, step_seconds=0.5, steps_per_epoch=100, batch_size=256, monitor_images=20_000
+    ) == (5, 89)
+    # 5.5 minutes hold 4.96: 5 epochs of 99 steps.
+    assert schedule_for_budget(
+        5.5, step_seconds=0.5, steps_per_epoch=100, batch_size=256, monitor_images=20_000
+    ) == (5, 99)
+    assert schedule_for_budget(
+        0.01, step_seconds=0.5, steps_per_epoch=100, batch_size=256, monitor_images=0
+    ) == (1, 1)
+
+
+@pytest.mark.parametrize("minutes", [0.3, 1.3, 2.0, 4.7, 9.9, 30.0])
+def test_the_schedule_fits_and_beats_whole_epochs_and_one_epoch_more(minutes: float) -> None:
+    step, overhead, monitor, full = 0.4, 1.2, 1000 * 0.4 / 3 / (2 * 128), 50
+    budget = minutes * 60
+
+    def seconds(epochs: int, steps: int) -> float:
+        return epochs * (steps * step * overhead + monitor)
+
+    def most_steps(epochs: int) -> int:
+        return epochs * max(
+            (n for n in range(1, full + 1) if seconds(epochs, n) <= budget), default=0
         )
-        == 1
+
+    epochs, steps = schedule_for_budget(
+        minutes, step_seconds=step, steps_per_epoch=full, batch_size=128, monitor_images=1000
     )
+    assert 1 <= steps <= full
+    assert seconds(epochs, steps) <= budget
+    assert steps == full or seconds(epochs, steps + 1) > budget
+    whole = max(e for e in range(1, 1000) if seconds(e, full) <= budget or e == 1)
+    assert epochs * steps >= max(most_steps(whole), most_steps(whole + 1))
 
 
-def test_prepare_sizes_the_schedule_and_a_rerun_keeps_it(tmp_path: Path) -> None:
+def test_shortened_epochs_train_their_steps_and_end_the_cosine(tmp_path: Path) -> None:
+    output = tmp_path / "run"
+    # 64 images in batches of 16 are 4 steps an epoch; 3 of them, twice.
+    config = load_fit_config(
+        None, {**_TINY, "epochs": 2, "steps_per_epoch": 3, "output": str(output)}
+    )
+    run = prepare(config)
+    run.trainer.fit(run.module, datamodule=run.datamodule)
+    checkpoint = torch.load(
+        output / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False
+    )
+    assert checkpoint["global_step"] == 6
+    schedule = checkpoint["lr_schedulers"][0]
+    assert schedule["last_epoch"] == 6
+    for last, base in zip(schedule["_last_lr"], schedule["base_lrs"], strict=True):
+        assert last == pytest.approx(base * config.final_lr_factor)
+
+
+def test_prepare_sizes_the_schedule(tmp_path: Path) -> None:
     output = tmp_path / "run"
     config = load_fit_config(None, {**_TINY, "time_budget": 600, "output": str(output)})
     run = prepare(config)
     # Four steps of 16 tiny images take well under a second anywhere: 10 hours hold many.
     assert run.config.epochs > 1 and run.trainer.max_epochs == run.config.epochs
-    assert yaml.safe_load((output / "config.yaml").read_text())["epochs"] == run.config.epochs
+    steps = run.config.steps_per_epoch
+    assert steps is not None and 1 <= steps <= 4 and run.trainer.limit_train_batches == steps
+    saved = yaml.safe_load((output / "config.yaml").read_text())
+    assert (saved["epochs"], saved["steps_per_epoch"]) == (run.config.epochs, steps)
 
 
-def test_a_budget_trains_and_records_its_epochs(tmp_path: Path) -> None:
+def test_a_budget_trains_records_its_schedule_and_a_rerun_keeps_it(tmp_path: Path) -> None:
     output = tmp_path / "run"
     args = ["fit", "--output", str(output), "--time-budget", "0.0001"]
     for key, value in _TINY.items():
@@ -62,7 +112,11 @@ def test_a_budget_trains_and_records_its_epochs(tmp_path: Path) -> None:
         else:
             args += [flag, str(value)]
     assert main(args) == 0
-    assert yaml.safe_load((output / "config.yaml").read_text())["epochs"] == 1
+    saved = yaml.safe_load((output / "config.yaml").read_text())
+    assert (saved["epochs"], saved["steps_per_epoch"]) == (1, 1)
+    # A rerun resumes the schedule it started with instead of timing the step again.
+    rerun = prepare(load_fit_config(None, {**saved, "time_budget": 0.0001}))
+    assert (rerun.config.epochs, rerun.config.steps_per_epoch) == (1, 1)
 
 
 def test_a_budget_needs_a_single_process(tmp_path: Path) -> None:

@@ -89,10 +89,16 @@ class FitConfig(BaseModel):
     warmup_epochs: float = Field(ge=0, description="linear warm-up before the cosine decay")
     final_lr_factor: float = Field(ge=0, le=1, description="cosine decay ends at this x the LR")
     epochs: int = Field(ge=1, description="training epochs")
+    steps_per_epoch: int | None = Field(
+        None,
+        ge=1,
+        description="optimiser steps per epoch, each from a fresh shuffle (default: all the "
+        "data; --time-budget sets it)",
+    )
     time_budget: float | None = Field(
         gt=0,
-        description="minutes of training: epochs are sized to fit from the measured step "
-        "time (one process; scoring and plots come on top)",
+        description="minutes of training: epochs and their steps are sized to fit from the "
+        "measured step time (one process; scoring and plots come on top)",
     )
     batch_size: int = Field(ge=2, description="batch per device (batch norm needs 2)")
     image_size: int = Field(ge=8, description="side of the views in pixels")

@@ -147,15 +147,17 @@ def prepare(config: FitConfig, *, callbacks: Sequence[Callback] = ()) -> Prepare
 def _fit_to_budget(
     config: FitConfig, module: BarlowTwinsModule, train: ImageDataset, output: Path
 ) -> FitConfig:
-    """The config with ``epochs`` sized to its time budget (kept from the first invocation)."""
-    from barlowtwins.app.budget import epochs_for_budget, measure_step_seconds
+    """The config with its epochs and steps sized to its time budget, kept on a rerun."""
+    from barlowtwins.app.budget import measure_step_seconds, schedule_for_budget
 
     saved = output / "config.yaml"
     if (output / CHECKPOINT_DIR / LAST_CHECKPOINT).is_file() and saved.is_file():
         # A resumed run keeps the schedule it started with.
         previous = yaml.safe_load(saved.read_text()) or {}
         if previous.get("time_budget") == config.time_budget and "epochs" in previous:
-            return config.model_copy(update={"epochs": int(previous["epochs"])})
+            return config.model_copy(
+                update={key: previous.get(key) for key in ("epochs", "steps_per_epoch")}
+            )
     images = torch.stack([train[i][0] for i in range(config.batch_size)])
     step_seconds = measure_step_seconds(
         module,
@@ -168,22 +170,26 @@ def _fit_to_budget(
         if config.val_data is None
         else min(len(train), config.knn_bank_size) + (config.val_max_samples or 10_000)
     )
-    epochs = epochs_for_budget(
+    full_epoch = len(train) // config.batch_size
+    epochs, steps = schedule_for_budget(
         config.time_budget or 0.0,
         step_seconds=step_seconds,
-        steps_per_epoch=len(train) // config.batch_size,
+        steps_per_epoch=full_epoch,
         batch_size=config.batch_size,
         monitor_images=monitor,
         views=module.batches_per_step,
     )
     _log.info(
-        "time budget %.1f min: %.3f s per step of %d images -> %d epochs",
+        "time budget %.1f min: %.3f s per step of %d images -> %d epochs of %d steps "
+        "(%.2f epochs of all the data)",
         config.time_budget,
         step_seconds,
         config.batch_size,
         epochs,
+        steps,
+        epochs * steps / full_epoch,
     )
-    return config.model_copy(update={"epochs": epochs})
+    return config.model_copy(update={"epochs": epochs, "steps_per_epoch": steps})
 
 
 def build_module(config: FitConfig, *, in_channels: int) -> BarlowTwinsModule:
@@ -270,6 +276,7 @@ def build_trainer(
         plugins.append(GlobalBatchNormSync())
     return L.Trainer(
         max_epochs=config.epochs,
+        limit_train_batches=config.steps_per_epoch,
         accelerator=config.accelerator,
         devices=config.devices,
         num_nodes=config.num_nodes,
