@@ -27,24 +27,35 @@ _TINY = {
 }
 
 
-def test_the_schedule_fills_the_budget_with_the_monitor_included() -> None:
-    # Full epochs of 100 steps of 0.5 s (x1.2 loop overhead) plus 20 000 monitor images at a
-    # sixth of 0.5 s / 512 each take 66.5 s. 10 minutes hold 9.02 of them: 9 full epochs
-    # (900 steps) beat 10 of the 89 steps that fit beside a tenth monitor (890).
-    assert schedule_for_budget(
-        10, step_seconds=0.5, steps_per_epoch=100, batch_size=256, monitor_images=20_000
-    ) == (9, 100)
-    # 5 minutes hold 4.51: 5 epochs of 89 steps (445) beat 4 full ones (400).
-    assert schedule_for_budget(
-        5, step_seconds=0.5, steps_per_epoch=100, batch_size=256, monitor_images=20_000
-    ) == (5, 89)
-    # 5.5 minutes hold 4.96: 5 epochs of 99 steps.
-    assert schedule_for_budget(
-        5.5, step_seconds=0.5, steps_per_epoch=100, batch_size=256, monitor_images=20_000
-    ) == (5, 99)
-    assert schedule_for_budget(
-        0.01, step_seconds=0.5, steps_per_epoch=100, batch_size=256, monitor_images=0
-    ) == (1, 1)
+# Full epochs of 100 steps of 0.5 s (x1.2 loop overhead) plus 20 000 monitor images at a sixth
+# of 0.5 s / 512 each take 66.5 s.
+@pytest.mark.parametrize(
+    ("minutes", "monitor_images", "schedule"),
+    [
+        # 9.02 epochs: 9 full ones (900 steps) beat 10 of the 89 that fit beside a tenth
+        # monitor (890).
+        (10, 20_000, (9, 100)),
+        # 4.51 epochs: 5 of 89 steps (445) beat 4 full ones (400).
+        (5, 20_000, (5, 89)),
+        # 4.96 epochs: 5 of 99 steps.
+        (5.5, 20_000, (5, 99)),
+        # Less than a step: one step.
+        (0.01, 0, (1, 1)),
+    ],
+)
+def test_the_schedule_fills_the_budget_with_the_monitor_included(
+    minutes: float, monitor_images: int, schedule: tuple[int, int]
+) -> None:
+    assert (
+        schedule_for_budget(
+            minutes,
+            step_seconds=0.5,
+            steps_per_epoch=100,
+            batch_size=256,
+            monitor_images=monitor_images,
+        )
+        == schedule
+    )
 
 
 @pytest.mark.parametrize("minutes", [0.3, 1.3, 2.0, 4.7, 9.9, 30.0])
