@@ -235,6 +235,8 @@ def test_print_config_shows_the_optimizers_learning_rates(
         ),
         # Lightning has it, but fit's float32 views cannot feed float64 weights.
         (["fit", "--precision", "64"], "precision must be one of"),
+        (["fit", "--solarize-prob", "0.3"], "option solarize_prob takes two values"),
+        (["fit", "--solarize-prob", "0", "1.5"], "solarize prob must lie in [0, 1]"),
         (["fit", "--max-samples", "100", "--batch-size", "128"], "larger than the dataset"),
         (["fit", "--data", "/nonexistent/folder", "--image-size", "32"], "/nonexistent/folder"),
         (

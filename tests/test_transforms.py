@@ -296,3 +296,9 @@ def test_erasing_sets_a_box_of_the_pil_view_to_zero() -> None:
 
 def test_erase_prob_override_applies_to_both_views() -> None:
     assert [v.erase_prob for v in barlow_twins_views(28, 1, erase_prob=0.5)] == [0.5, 0.5]
+
+
+def test_solarize_prob_sets_each_view_and_defaults_to_the_paper() -> None:
+    assert [v.solarize_prob for v in barlow_twins_views(28, 1)] == [0.0, 0.2]
+    views = barlow_twins_views(28, 1, solarize_prob=(0.1, 0.4))
+    assert [v.solarize_prob for v in views] == [0.1, 0.4]

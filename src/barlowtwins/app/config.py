@@ -109,6 +109,9 @@ class FitConfig(BaseModel):
     erase_prob: float = Field(
         ge=0, le=1, description="probability of random erasing (a box set to the mean)"
     )
+    solarize_prob: tuple[float, float] = Field(
+        description="probability of solarisation in view A and in view B"
+    )
     precision: Literal[PRECISIONS] = Field(  # type: ignore[valid-type]
         description="Lightning precision (auto: bf16-mixed where the hardware runs it fast)"
     )
@@ -127,6 +130,13 @@ class FitConfig(BaseModel):
                 f"Mixed Barlow Twins (mix_weight > 0) takes 2 views, got num_views {self.num_views}"
             )
         return self
+
+    @field_validator("solarize_prob")
+    @classmethod
+    def _probabilities(cls, probabilities: tuple[float, float]) -> tuple[float, float]:
+        if not all(0 <= p <= 1 for p in probabilities):
+            raise ValueError(f"solarize prob must lie in [0, 1], got {list(probabilities)}")
+        return probabilities
 
     @field_validator("crop_scale")
     @classmethod
@@ -276,6 +286,8 @@ def _first_error(error: ValidationError) -> str:
         return f"{name} must be one of {choices}, got {first['input']!r}"
     if kind == "value_error":
         return str(context.get("error", first["msg"]))
+    if kind == "missing" and len(first["loc"]) > 1:
+        return f"option {name} takes two values (low high, or view A view B)"
     if kind == "missing":
         return f"option {name} has no value (the recipe sets every hyperparameter)"
     return f"option {name}: {first['msg'].lower()}, got {first['input']!r}"

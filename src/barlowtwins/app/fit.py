@@ -219,6 +219,7 @@ def build_module(config: FitConfig, *, in_channels: int) -> BarlowTwinsModule:
         crop_scale=config.crop_scale,
         translate=config.translate,
         erase_prob=config.erase_prob,
+        solarize_prob=config.solarize_prob,
         knn_k=config.knn_k,
     )
     if config.compile:

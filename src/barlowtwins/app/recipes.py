@@ -17,6 +17,7 @@ from types import MappingProxyType
 from typing import Any
 
 from barlowtwins.data.spec import DataSummary
+from barlowtwins.views.transforms import PAPER_SOLARIZE_PROB
 
 AUTO = "auto"
 
@@ -47,6 +48,7 @@ HYPERPARAMETERS: tuple[str, ...] = (
     "crop_scale",
     "translate",
     "erase_prob",
+    "solarize_prob",
     "precision",
 )
 
@@ -160,6 +162,7 @@ _SOLO_LEARN = {
     "crop_scale": (0.08, 1.0),
     "translate": 0.0,
     "erase_prob": 0.0,
+    "solarize_prob": PAPER_SOLARIZE_PROB,
     "precision": AUTO,
 }
 
@@ -206,6 +209,7 @@ RECIPES: dict[str, Recipe] = {
                 "crop_scale": (1.0, 1.0),
                 "translate": 0.0,
                 "erase_prob": 0.0,
+                "solarize_prob": PAPER_SOLARIZE_PROB,
                 "precision": AUTO,
             },
         ),
@@ -265,6 +269,7 @@ RECIPES: dict[str, Recipe] = {
                 "crop_scale": (0.08, 1.0),
                 "translate": 0.0,
                 "erase_prob": 0.0,
+                "solarize_prob": PAPER_SOLARIZE_PROB,
                 "precision": AUTO,
             },
         ),

@@ -20,7 +20,11 @@ from barlowtwins.nn.convolution import use_small_output_convolutions
 from barlowtwins.optim import build_optimizer, build_warmup_cosine_scheduler
 from barlowtwins.training.callbacks import TrainingClock, TrainingHealth
 from barlowtwins.views.batched import BatchedBarlowTwinsAugment
-from barlowtwins.views.transforms import barlow_twins_views, resolve_normalization
+from barlowtwins.views.transforms import (
+    PAPER_SOLARIZE_PROB,
+    barlow_twins_views,
+    resolve_normalization,
+)
 
 # Validation dataloaders of the online kNN monitor, in this order.
 KNN_BANK, KNN_QUERY = 0, 1
@@ -77,6 +81,7 @@ class BarlowTwinsModule(L.LightningModule):
         crop_scale: Random-resized-crop area range of both views (paper: 0.08-1).
         translate: Largest shift of both views as a fraction of their side (paper: 0).
         erase_prob: Probability of random erasing in both views (paper: 0).
+        solarize_prob: Probability of solarisation in view A and in view B (paper: 0, 0.2).
         mean: Normalisation mean per channel (default: ImageNet / grey).
         std: Normalisation std per channel.
         gather_distributed: Global-batch loss across processes.
@@ -113,6 +118,7 @@ class BarlowTwinsModule(L.LightningModule):
         crop_scale: tuple[float, float] | None = (0.08, 1.0),
         translate: float = 0.0,
         erase_prob: float = 0.0,
+        solarize_prob: tuple[float, float] = PAPER_SOLARIZE_PROB,
         mean: tuple[float, ...] | None = None,
         std: tuple[float, ...] | None = None,
         gather_distributed: bool = True,
@@ -141,6 +147,7 @@ class BarlowTwinsModule(L.LightningModule):
             crop_scale=crop_scale,
             translate=translate,
             erase_prob=erase_prob,
+            solarize_prob=tuple(solarize_prob),  # a list after a checkpoint's hparams
         )
         self.augment = BatchedBarlowTwinsAugment(
             image_size, in_channels, view_a, view_b, mean=self.mean, std=self.std

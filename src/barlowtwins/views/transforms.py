@@ -32,6 +32,8 @@ GRAYSCALE_STD: tuple[float] = (0.226,)
 # Images at most this large get no blur: a kernel of ~10% of 32 px is 3 px, which wipes out
 # most of the detail of a tiny image (CIFAR recipes drop the blur for that reason).
 _NO_BLUR_MAX_SIZE = 32
+#: Solarisation probabilities of view A and view B (paper appendix A).
+PAPER_SOLARIZE_PROB = (0.0, 0.2)
 
 
 @dataclass(frozen=True)
@@ -130,11 +132,13 @@ def barlow_twins_views(
     crop_scale: tuple[float, float] | None = None,
     translate: float = 0.0,
     erase_prob: float = 0.0,
+    solarize_prob: tuple[float, float] = PAPER_SOLARIZE_PROB,
 ) -> tuple[ViewConfig, ViewConfig]:
     """Return the paper's asymmetric pair of view configurations.
 
     View A always blurs and never solarises; view B blurs with probability 0.1 and solarises
-    with probability 0.2 (paper appendix A). Presets adapt the pair to the data:
+    with probability 0.2 (paper appendix A; ``solarize_prob`` changes the latter pair).
+    Presets adapt the pair to the data:
 
     * ``image_size <= 32``: no blur in either view (as in CIFAR recipes: blur erases tiny
       images).
@@ -147,6 +151,7 @@ def barlow_twins_views(
         translate: Both views' largest shift as a fraction of their side (not in the paper;
             small shifts suit centred objects that crops would cut, e.g. Fashion-MNIST).
         erase_prob: Both views' probability of random erasing (not in the paper).
+        solarize_prob: Probability of solarisation in view A and in view B.
 
     Returns:
         The configurations of view A and view B.
@@ -162,8 +167,9 @@ def barlow_twins_views(
     if channels == 1:
         overrides.update(saturation=0.0, hue=0.0, grayscale_prob=0.0)
     blur = image_size > _NO_BLUR_MAX_SIZE
-    view_a = ViewConfig(blur_prob=1.0 if blur else 0.0, solarize_prob=0.0)
-    view_b = ViewConfig(blur_prob=0.1 if blur else 0.0, solarize_prob=0.2)
+    solarize_a, solarize_b = solarize_prob
+    view_a = ViewConfig(blur_prob=1.0 if blur else 0.0, solarize_prob=solarize_a)
+    view_b = ViewConfig(blur_prob=0.1 if blur else 0.0, solarize_prob=solarize_b)
     return replace(view_a, **overrides), replace(view_b, **overrides)
 
 
