@@ -147,7 +147,7 @@ class BarlowTwinsModule(L.LightningModule):
             crop_scale=crop_scale,
             translate=translate,
             erase_prob=erase_prob,
-            solarize_prob=tuple(solarize_prob),  # a list after a checkpoint's hparams
+            solarize_prob=solarize_prob,
         )
         self.augment = BatchedBarlowTwinsAugment(
             image_size, in_channels, view_a, view_b, mean=self.mean, std=self.std

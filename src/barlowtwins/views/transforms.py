@@ -137,7 +137,7 @@ def barlow_twins_views(
     """Return the paper's asymmetric pair of view configurations.
 
     View A always blurs and never solarises; view B blurs with probability 0.1 and solarises
-    with probability 0.2 (paper appendix A; ``solarize_prob`` changes the latter pair).
+    with probability 0.2 (paper appendix A; ``solarize_prob`` replaces those 0 and 0.2).
     Presets adapt the pair to the data:
 
     * ``image_size <= 32``: no blur in either view (as in CIFAR recipes: blur erases tiny
