@@ -263,15 +263,29 @@ def build_trainer(
     config: FitConfig, output: Path, *, monitor: bool, callbacks: Sequence[Callback] = ()
 ) -> L.Trainer:
     """A Trainer with crash-safe checkpoints, exact batch-norm sync and our logs."""
-    checkpoint = ModelCheckpoint(
-        dirpath=output / CHECKPOINT_DIR,
-        filename="best",
-        monitor="val_knn_acc" if monitor else None,
-        mode="max",
-        save_top_k=1 if monitor else 0,
-        save_last=True,
-        enable_version_counter=False,
-    )
+    # last.ckpt is a checkpoint of its own, written after every epoch: Lightning's save_last
+    # writes only in a step where a top-k checkpoint was saved (2.6), so an epoch whose kNN
+    # monitor did not improve would leave last.ckpt (what a rerun resumes from and what
+    # `embed` loads) epochs behind.
+    checkpoints = [
+        ModelCheckpoint(
+            dirpath=output / CHECKPOINT_DIR,
+            filename=Path(LAST_CHECKPOINT).stem,
+            save_top_k=1,
+            enable_version_counter=False,
+        )
+    ]
+    if monitor:
+        checkpoints.append(
+            ModelCheckpoint(
+                dirpath=output / CHECKPOINT_DIR,
+                filename="best",
+                monitor="val_knn_acc",
+                mode="max",
+                save_top_k=1,
+                enable_version_counter=False,
+            )
+        )
     plugins: list[Any] = [AtomicCheckpointIO()]
     if config.world_size > 1:
         plugins.append(GlobalBatchNormSync())
@@ -285,7 +299,7 @@ def build_trainer(
         precision=config.precision,  # type: ignore[arg-type]
         plugins=plugins,
         callbacks=[
-            checkpoint,
+            *checkpoints,
             PreemptionCheckpoint(output / CHECKPOINT_DIR / LAST_CHECKPOINT),
             RngStateCheckpoint(),
             ProgressBar(),
