@@ -4,14 +4,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 import yaml
+from lightning.pytorch.callbacks import Callback
 
-from barlowtwins.app.budget import schedule_for_budget
+from barlowtwins.app.budget import TimeBudget, epochs_within_budget, schedule_for_budget
 from barlowtwins.app.cli import main
 from barlowtwins.app.config import ConfigError, load_fit_config
-from barlowtwins.app.fit import prepare
+from barlowtwins.app.fit import fit, prepare
 
 _TINY = {
     "accelerator": "cpu",
@@ -133,3 +135,81 @@ def test_a_budget_trains_records_its_schedule_and_a_rerun_keeps_it(tmp_path: Pat
 def test_a_budget_needs_a_single_process(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="time_budget sizes single-process runs"):
         load_fit_config(None, {**_TINY, "time_budget": 5, "devices": 2, "output": str(tmp_path)})
+
+
+@pytest.mark.parametrize(
+    ("elapsed", "done", "epochs"),
+    [(1.0, 1, 10), (2.5, 1, 4), (3.3, 3, 9), (10 / 3, 1, 3), (9.5, 5, 5), (12.0, 4, 4)],
+)
+def test_epochs_within_budget_extrapolate_the_mean_epoch(
+    elapsed: float, done: int, epochs: int
+) -> None:
+    assert epochs_within_budget(10.0, elapsed_minutes=elapsed, epochs_done=done) == epochs
+
+
+def _last_checkpoint(output: Path) -> dict:
+    return torch.load(output / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+
+
+def _ends_at_the_final_rate(checkpoint: dict, final_factor: float) -> bool:
+    schedule = checkpoint["lr_schedulers"][0]
+    return all(
+        last == pytest.approx(base * final_factor)
+        for last, base in zip(schedule["_last_lr"], schedule["base_lrs"], strict=True)
+    )
+
+
+class _EpochsTake(Callback):
+    """Gives the run's TimeBudget a clock on which every epoch takes ``minutes``."""
+
+    def __init__(self, minutes: float) -> None:
+        self.minutes = minutes
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        budget = next(c for c in trainer.callbacks if isinstance(c, TimeBudget))
+        budget.clock = lambda: (trainer.current_epoch + 1) * self.minutes
+
+
+def test_a_budget_run_shortens_its_plan_to_the_minutes_its_epochs_take(tmp_path: Path) -> None:
+    output = tmp_path / "run"
+    # Timed, 4 tiny steps take well under a second anywhere: the plan is many epochs.
+    config = load_fit_config(None, {**_TINY, "time_budget": 1.0, "output": str(output)})
+    fit(config, callbacks=[_EpochsTake(0.3)])
+    checkpoint = _last_checkpoint(output)
+    # 0.3 min an epoch: 3 fit in 1 min, of the steps per epoch the first plan chose.
+    steps = yaml.safe_load((output / "config.yaml").read_text())["steps_per_epoch"]
+    assert checkpoint["epoch"] == 2 and checkpoint["global_step"] == 3 * steps
+    assert checkpoint["callbacks"]["TimeBudget"] == {"epochs": 3}
+    assert yaml.safe_load((output / "config.yaml").read_text())["epochs"] == 3
+    assert _ends_at_the_final_rate(checkpoint, config.final_lr_factor)
+
+
+class _StopAfter(Callback):
+    def __init__(self, epochs: int) -> None:
+        self.epochs = epochs
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.current_epoch + 1 == self.epochs:
+            trainer.should_stop = True
+
+
+def test_a_plan_lengthened_after_the_first_epoch_survives_a_resume(tmp_path: Path) -> None:
+    output = tmp_path / "run"
+    config = load_fit_config(
+        None, {**_TINY, "epochs": 2, "warmup_epochs": 0.5, "output": str(output)}
+    )
+
+    def budget_of_5_epochs(run_callbacks: list[Callback]) -> None:
+        run = prepare(config, callbacks=[TimeBudget(1.0), _EpochsTake(0.2), *run_callbacks])
+        resume = run.last_checkpoint if run.last_checkpoint.is_file() else None
+        run.trainer.fit(run.module, datamodule=run.datamodule, ckpt_path=resume)
+
+    # Planned 2 epochs; 0.2 min each lets 5 fit in 1 min. Stopped after 3, then resumed.
+    budget_of_5_epochs([_StopAfter(3)])
+    interrupted = _last_checkpoint(output)
+    assert interrupted["epoch"] == 2 and interrupted["callbacks"]["TimeBudget"] == {"epochs": 5}
+    assert interrupted["lr_schedulers"][0]["lr_lambdas"][0]["total_steps"] == 5 * 4
+    budget_of_5_epochs([])
+    resumed = _last_checkpoint(output)
+    assert resumed["epoch"] == 4 and resumed["global_step"] == 5 * 4
+    assert _ends_at_the_final_rate(resumed, config.final_lr_factor)

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from barlowtwins.optim import (
     LARS,
     OPTIMIZERS,
+    WarmupCosine,
     build_optimizer,
     build_warmup_cosine_scheduler,
     scale_lr,
@@ -309,3 +310,69 @@ def test_scheduler_follows_warmup_cosine_per_step() -> None:
         scheduler.step()
     assert opt.param_groups[0]["lr"] == pytest.approx(peak[0] * 0.001)
     assert math.isfinite(sum(p.sum().item() for p in model.parameters()))
+
+
+def test_warmup_cosine_object_equals_the_function_until_its_end_moves() -> None:
+    kw = {"warmup_steps": 7, "total_steps": 50, "final_factor": 0.01}
+    schedule = WarmupCosine(**kw)
+    assert [schedule(s) for s in range(60)] == [warmup_cosine(s, **kw) for s in range(60)]
+
+
+@pytest.mark.parametrize("new_end", [30, 120])
+def test_moving_the_end_continues_the_decay_without_a_jump(new_end: int) -> None:
+    schedule = WarmupCosine(warmup_steps=10, total_steps=60, final_factor=0.001)
+    before = [schedule(s) for s in range(26)]
+    schedule.end_at(new_end, step=25)
+    after = [schedule(s) for s in range(new_end + 5)]
+    # The steps taken keep their factors, the next one too; then the decay runs to the new end.
+    assert after[:26] == pytest.approx(before, rel=1e-12)
+    assert all(a > b for a, b in itertools.pairwise(after[25:new_end]))
+    assert after[new_end - 1] > 0.001 and after[new_end:] == [0.001] * 5
+    # Twice over, the second move continues from the first.
+    factor = schedule(new_end - 3)
+    schedule.end_at(new_end + 10, step=new_end - 3)
+    assert (
+        schedule(new_end - 3) == pytest.approx(factor, rel=1e-12)
+        and schedule(new_end + 10) == 0.001
+    )
+
+
+def test_moving_the_end_during_warm_up_keeps_or_shortens_it() -> None:
+    kept = WarmupCosine(warmup_steps=10, total_steps=60)
+    kept.end_at(20, step=4)
+    assert [kept(s) for s in range(11)] == [
+        warmup_cosine(s, warmup_steps=10, total_steps=20) for s in range(11)
+    ]
+    cut = WarmupCosine(warmup_steps=10, total_steps=60, final_factor=0.001)
+    cut.end_at(6, step=3)
+    assert [cut(s) for s in range(8)] == [1 / 6, 2 / 6, 3 / 6, 4 / 6, 5 / 6, 1.0, 0.001, 0.001]
+
+
+def test_moving_the_end_rejects_an_end_not_ahead_or_a_finished_decay() -> None:
+    schedule = WarmupCosine(warmup_steps=2, total_steps=10)
+    with pytest.raises(ValueError, match="must be > step=5"):
+        schedule.end_at(5, step=5)
+    with pytest.raises(ValueError, match="the decay ended at step 10"):
+        schedule.end_at(20, step=10)
+
+
+def test_a_moved_schedule_survives_the_schedulers_state_dict() -> None:
+    model = _model()
+    opt = build_optimizer(model, batch_size=256)
+    scheduler = build_warmup_cosine_scheduler(opt, warmup_steps=2, total_steps=10)
+    for step in range(5):
+        _backward(model, step)
+        opt.step()
+        scheduler.step()
+    scheduler.lr_lambdas[0].end_at(30, step=5)
+    state = scheduler.state_dict()
+
+    fresh_opt = build_optimizer(_model(), batch_size=256)
+    fresh_opt.load_state_dict(opt.state_dict())
+    fresh = build_warmup_cosine_scheduler(fresh_opt, warmup_steps=2, total_steps=10)
+    fresh.load_state_dict(state)
+    for _ in range(10):
+        scheduler.step()
+        fresh.step()
+        assert fresh.get_last_lr() == pytest.approx(scheduler.get_last_lr())
+    assert fresh.lr_lambdas[0].total_steps == 30

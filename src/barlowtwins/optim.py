@@ -13,7 +13,6 @@ Reference:
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -372,6 +371,75 @@ def warmup_cosine(
     return q + final_factor * (1.0 - q)
 
 
+class WarmupCosine:
+    """The factor of :func:`warmup_cosine` as a callable whose end can move during a run.
+
+    Called with a step, it returns ``warmup_cosine(step, ...)`` until :meth:`end_at` moves the
+    end of the decay; from then on the cosine continues from the factor it had reached, so
+    the learning rate never jumps, and falls to ``final_factor`` at the new end. The steps
+    before a move keep their factors. A :class:`~torch.optim.lr_scheduler.LambdaLR` saves
+    the attributes in its ``state_dict``, so a resumed run continues on the moved schedule.
+
+    Args:
+        warmup_steps: Number of warm-up steps (0 disables warm-up).
+        total_steps: Step at which the factor reaches ``final_factor``.
+        final_factor: Final factor; the paper decays to 1/1000.
+    """
+
+    def __init__(self, *, warmup_steps: int, total_steps: int, final_factor: float = 0.001):
+        _check_schedule(warmup_steps, total_steps, final_factor)
+        self.warmup_steps = warmup_steps
+        self.total_steps = total_steps
+        self.final_factor = final_factor
+        # (step, progress of the cosine there): progress is linear in the step between knots
+        # and reaches 1 at total_steps; end_at adds a knot where it moves the end.
+        self.knots: list[tuple[int, float]] = [(warmup_steps, 0.0)]
+
+    def __call__(self, step: int) -> float:
+        if step < 0:
+            raise ValueError(f"step must be >= 0, got {step}")
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        if step >= self.total_steps:
+            return self.final_factor
+        q = 0.5 * (1.0 + math.cos(math.pi * self._progress(step)))
+        return q + self.final_factor * (1.0 - q)
+
+    def _progress(self, step: int) -> float:
+        ends = [*self.knots[1:], (self.total_steps, 1.0)]
+        for (start, begin), (stop, end) in zip(self.knots, ends, strict=True):
+            if step < stop:
+                return begin + (end - begin) * (step - start) / (stop - start)
+        return 1.0
+
+    def end_at(self, total_steps: int, *, step: int) -> None:
+        """Let the decay end at ``total_steps``, continuing from its factor at ``step``.
+
+        Args:
+            total_steps: The new end of the decay.
+            step: The next step to take; it and the steps before it keep their factors. A
+                warm-up not yet finished is kept, unless ``total_steps`` comes first: the
+                warm-up is then shortened to end there, and the decay has no steps.
+
+        Raises:
+            ValueError: If ``total_steps`` is not after ``step``, ``step`` is before an
+                earlier move, or the decay has already ended at ``step``.
+        """
+        if total_steps <= step:
+            raise ValueError(f"total_steps must be > step={step}, got {total_steps}")
+        if step >= self.total_steps:
+            raise ValueError(f"the decay ended at step {self.total_steps}, before step {step}")
+        last_knot = self.knots[-1][0]
+        if step < last_knot and len(self.knots) > 1:
+            raise ValueError(f"step {step} is before the last move, at step {last_knot}")
+        if step > last_knot:
+            self.knots.append((step, self._progress(step)))
+        elif total_steps < self.warmup_steps:
+            self.warmup_steps = total_steps
+            self.knots = [(total_steps, 0.0)]
+        self.total_steps = total_steps
+
+
 def build_warmup_cosine_scheduler(
     optimizer: torch.optim.Optimizer,
     *,
@@ -379,7 +447,7 @@ def build_warmup_cosine_scheduler(
     total_steps: int,
     final_factor: float = 0.001,
 ) -> LambdaLR:
-    """Wrap :func:`warmup_cosine` in a scheduler to step once per optimiser step.
+    """Wrap :class:`WarmupCosine` (:func:`warmup_cosine`) in a scheduler to step once per step.
 
     Args:
         optimizer: Optimiser whose groups' ``initial_lr`` (or ``lr``) is the peak rate.
@@ -389,14 +457,11 @@ def build_warmup_cosine_scheduler(
 
     Returns:
         A :class:`~torch.optim.lr_scheduler.LambdaLR`; call ``scheduler.step()`` after every
-        ``optimizer.step()``.
+        ``optimizer.step()``. Its ``lr_lambdas`` hold the :class:`WarmupCosine` (one object
+        for every group), whose :meth:`WarmupCosine.end_at` moves the end of the decay.
     """
-    _check_schedule(warmup_steps, total_steps, final_factor)
-    factor = functools.partial(
-        warmup_cosine,
-        warmup_steps=warmup_steps,
-        total_steps=total_steps,
-        final_factor=final_factor,
+    factor = WarmupCosine(
+        warmup_steps=warmup_steps, total_steps=total_steps, final_factor=final_factor
     )
     return LambdaLR(optimizer, lr_lambda=factor)
 

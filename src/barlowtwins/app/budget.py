@@ -3,23 +3,33 @@
 ``barlowtwins fit --time-budget MINUTES`` times a few training steps of the run's own model,
 augmentation, loss and optimiser on its own data and precision, adds the per-epoch kNN
 monitor's forward passes, and sets the epochs and the steps in each (and with them the
-warm-up and cosine schedule) so that training ends within the budget. A faster machine thus
-trains longer in the same minutes instead of finishing early. The final scoring and plots come
-on top of the budget.
+warm-up and cosine schedule) so that training ends within the budget. After every epoch,
+:class:`TimeBudget` corrects the number of epochs from the minutes the run itself has taken.
+A faster machine thus trains longer in the same minutes instead of finishing early. The final
+scoring and plots come on top of the budget.
 """
 
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import time
+from collections.abc import Callable
+from typing import Any
 
+import lightning as L
 import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.trainer.states import TrainerFn
 
 from barlowtwins.nn.convolution import use_small_output_convolutions
-from barlowtwins.optim import build_optimizer
+from barlowtwins.optim import WarmupCosine, build_optimizer
 from barlowtwins.precision import autocast
+from barlowtwins.training.callbacks import TrainingClock
 from barlowtwins.training.module import BarlowTwinsModule
+
+_log = logging.getLogger(__name__)
 
 # Untimed steps first (allocator, oneDNN kernel selection), then the timed ones.
 _WARMUP_STEPS = 2
@@ -102,3 +112,111 @@ def schedule_for_budget(
     shortened = math.floor((budget / (whole + 1) - monitor) / step)
     options.append((whole + 1, min(steps_per_epoch, max(1, shortened))))
     return max(options, key=lambda option: option[0] * option[1])
+
+
+def epochs_within_budget(minutes: float, *, elapsed_minutes: float, epochs_done: int) -> int:
+    """Epochs in all that end within ``minutes`` if each further one takes the mean so far.
+
+    Args:
+        minutes: Training budget.
+        elapsed_minutes: Minutes the first ``epochs_done`` epochs took, monitor included.
+        epochs_done: Epochs trained so far (at least 1).
+
+    Returns:
+        At least ``epochs_done``.
+    """
+    if epochs_done < 1:
+        raise ValueError(f"epochs_done must be >= 1, got {epochs_done}")
+    per_epoch = elapsed_minutes / epochs_done
+    if per_epoch <= 0:
+        raise ValueError(f"elapsed_minutes must be > 0, got {elapsed_minutes}")
+    # A float tolerance: 3 epochs of exactly a third of the budget still fit.
+    return epochs_done + max(0, math.floor((minutes - elapsed_minutes) / per_epoch + 1e-9))
+
+
+class TimeBudget(Callback):
+    """Re-plan the epochs of a budget run after each one, from the minutes it has taken.
+
+    The schedule a budget run starts with comes from a few steps timed outside the Trainer,
+    and those are only as good as the moment they run in: a probe 25 % slower than the run's
+    own steps once made a 12.5-minute budget train 9.4 minutes (benchmarks/README.md,
+    session 7). After every epoch, its kNN monitor included, this callback divides the
+    minutes so far by the epochs done, sets the number of epochs that still fit, and moves the
+    end of the learning-rate decay with it (:meth:`~barlowtwins.optim.WarmupCosine.end_at`),
+    so the rate never jumps and reaches its final factor at the last step. Epochs are kept
+    whole, with the steps per epoch the run started with; once the planned epochs are done,
+    none are added (the decay has ended).
+
+    Args:
+        minutes: Training budget.
+        clock: Minutes of training so far; by default the run's
+            :class:`~barlowtwins.training.callbacks.TrainingClock`, which counts the minutes
+            before a resume too.
+    """
+
+    def __init__(self, minutes: float, *, clock: Callable[[], float] | None = None) -> None:
+        self.minutes = minutes
+        self.clock = clock
+        self.epochs: int | None = None
+        self._planned_at_step = -1
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epochs": self.epochs}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.epochs = state_dict["epochs"]
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Resumed: the checkpoint's plan, set before Lightning decides whether epochs remain.
+        if self.epochs is not None:
+            trainer.fit_loop.max_epochs = self.epochs
+
+    # The checkpoint callback runs after this one in the same hook: on validation end when the
+    # monitor runs, else on train epoch end. Re-planning in both puts the plan in the checkpoint.
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking:
+            self._replan(trainer)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._replan(trainer)
+
+    def _replan(self, trainer: L.Trainer) -> None:
+        if self._planned_at_step == trainer.global_step:
+            return
+        self._planned_at_step = trainer.global_step
+        done, planned = trainer.current_epoch + 1, trainer.max_epochs
+        if planned is None or done >= planned:
+            return
+        elapsed = self._elapsed(trainer)
+        epochs = epochs_within_budget(self.minutes, elapsed_minutes=elapsed, epochs_done=done)
+        if epochs != planned:
+            _log.info(
+                "time budget %.1f min: %d epoch(s) took %.2f min, %d epochs fit (planned %d)",
+                self.minutes,
+                done,
+                elapsed,
+                epochs,
+                planned,
+            )
+            if epochs > done:
+                steps_per_epoch = trainer.global_step // done
+                for schedule in self._schedules(trainer):
+                    schedule.end_at(epochs * steps_per_epoch, step=trainer.global_step)
+            trainer.fit_loop.max_epochs = epochs
+        self.epochs = epochs
+
+    def _elapsed(self, trainer: L.Trainer) -> float:
+        if self.clock is not None:
+            return self.clock()
+        clock = next(c for c in trainer.callbacks if isinstance(c, TrainingClock))  # type: ignore[attr-defined]
+        return clock.minutes()
+
+    @staticmethod
+    def _schedules(trainer: L.Trainer) -> list[WarmupCosine]:
+        """Every schedule of the run's optimisers, once each (LambdaLR repeats it per group)."""
+        found: dict[int, WarmupCosine] = {}
+        for config in trainer.lr_scheduler_configs:
+            for factor in getattr(config.scheduler, "lr_lambdas", ()):
+                if isinstance(factor, WarmupCosine):
+                    found[id(factor)] = factor
+        return list(found.values())

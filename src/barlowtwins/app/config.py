@@ -98,7 +98,8 @@ class FitConfig(BaseModel):
     time_budget: float | None = Field(
         gt=0,
         description="minutes of training: epochs and their steps are sized to fit from the "
-        "measured step time (one process; scoring and plots come on top)",
+        "measured step time, the epochs re-counted after each one (one process; scoring and "
+        "plots come on top)",
     )
     batch_size: int = Field(ge=2, description="batch per device (batch norm needs 2)")
     image_size: int = Field(ge=8, description="side of the views in pixels")

@@ -21,6 +21,7 @@ import yaml
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, Logger
 
+from barlowtwins.app.budget import TimeBudget, measure_step_seconds, schedule_for_budget
 from barlowtwins.app.config import ConfigError, FitConfig
 from barlowtwins.app.launch import run_training
 from barlowtwins.app.report import describe_hardware, score_encoders, write_plots
@@ -98,6 +99,10 @@ def fit(config: FitConfig, *, callbacks: Sequence[Callback] = ()) -> dict[str, A
     run_training(run.trainer, run.module, run.datamodule, run.last_checkpoint)
     if not run.trainer.is_global_zero:
         return {}
+    if config.time_budget is not None and run.trainer.max_epochs != run.config.epochs:
+        # TimeBudget re-planned the epochs: config.yaml records those the run trained.
+        run.config = run.config.model_copy(update={"epochs": run.trainer.max_epochs})
+        _write_config(run.output, run.config)
     return finish(
         run, started=started, training_minutes=(time.perf_counter() - training_started) / 60
     )
@@ -132,7 +137,12 @@ def prepare(config: FitConfig, *, callbacks: Sequence[Callback] = ()) -> Prepare
         val,
         module,
         datamodule,
-        build_trainer(config, output, monitor=val is not None, callbacks=callbacks),
+        build_trainer(
+            config,
+            output,
+            monitor=val is not None,
+            callbacks=[*callbacks, *_budget_callbacks(config)],
+        ),
     )
     # A kill during an atomic write can leave its temporary file behind.
     for stale in (output / CHECKPOINT_DIR).glob(".*.tmp"):
@@ -140,19 +150,25 @@ def prepare(config: FitConfig, *, callbacks: Sequence[Callback] = ()) -> Prepare
     if run.last_checkpoint.is_file():
         _check_resumable(run.last_checkpoint, module)
         _log.info("resuming from %s", run.last_checkpoint)
-    (output / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    _write_config(output, config)
     return run
+
+
+def _write_config(output: Path, config: FitConfig) -> None:
+    (output / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+
+
+def _budget_callbacks(config: FitConfig) -> list[Callback]:
+    return [] if config.time_budget is None else [TimeBudget(config.time_budget)]
 
 
 def _fit_to_budget(
     config: FitConfig, module: BarlowTwinsModule, train: ImageDataset, output: Path
 ) -> FitConfig:
     """The config with its epochs and steps sized to its time budget, kept on a rerun."""
-    from barlowtwins.app.budget import measure_step_seconds, schedule_for_budget
-
     saved = output / "config.yaml"
     if (output / CHECKPOINT_DIR / LAST_CHECKPOINT).is_file() and saved.is_file():
-        # A resumed run keeps the schedule it started with.
+        # A resumed run keeps its schedule (TimeBudget then applies its checkpoint's plan).
         previous = yaml.safe_load(saved.read_text()) or {}
         if previous.get("time_budget") == config.time_budget and "epochs" in previous:
             return config.model_copy(
