@@ -130,6 +130,10 @@ def test_a_budget_trains_records_its_schedule_and_a_rerun_keeps_it(tmp_path: Pat
     # A rerun resumes the schedule it started with instead of timing the step again.
     rerun = prepare(load_fit_config(None, {**saved, "time_budget": 0.0001}))
     assert (rerun.config.epochs, rerun.config.steps_per_epoch) == (1, 1)
+    # Under another budget, or none, the schedule would not match the run's: refused.
+    for budget in (0.5, None):
+        with pytest.raises(ConfigError, match=r"trains to a time budget of 0\.0001 min"):
+            prepare(load_fit_config(None, {**saved, "time_budget": budget}))
 
 
 def test_a_budget_needs_a_single_process(tmp_path: Path) -> None:

@@ -376,3 +376,27 @@ def test_a_moved_schedule_survives_the_schedulers_state_dict() -> None:
         fresh.step()
         assert fresh.get_last_lr() == pytest.approx(scheduler.get_last_lr())
     assert fresh.lr_lambdas[0].total_steps == 30
+
+
+@pytest.mark.parametrize("moved", [False, True])
+def test_a_resume_keeps_a_moved_schedule_and_else_the_new_runs_own(moved: bool) -> None:
+    def scheduler(total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+        opt = build_optimizer(_model(), batch_size=256)
+        return build_warmup_cosine_scheduler(opt, warmup_steps=2, total_steps=total_steps)
+
+    saved = scheduler(10)
+    for _ in range(4):
+        saved.optimizer.step()
+        saved.step()
+    if moved:  # as TimeBudget does: the run itself decided on 30 steps
+        saved.lr_lambdas[0].end_at(30, step=4)
+    # Rerun with a config of 20 steps (say, --epochs raised on resume).
+    resumed = scheduler(20)
+    resumed.load_state_dict(saved.state_dict())
+    expected = 30 if moved else 20
+    assert resumed.last_epoch == 4 and resumed.lr_lambdas[0].total_steps == expected
+    resumed.optimizer.step()
+    resumed.step()
+    factor = resumed.get_last_lr()[0] / resumed.base_lrs[0]
+    reference = saved.lr_lambdas[0] if moved else WarmupCosine(warmup_steps=2, total_steps=20)
+    assert factor == pytest.approx(reference(5))

@@ -377,8 +377,8 @@ class WarmupCosine:
     Called with a step, it returns ``warmup_cosine(step, ...)`` until :meth:`end_at` moves the
     end of the decay; from then on the cosine continues from the factor it had reached, so
     the learning rate never jumps, and falls to ``final_factor`` at the new end. The steps
-    before a move keep their factors. A :class:`~torch.optim.lr_scheduler.LambdaLR` saves
-    the attributes in its ``state_dict``, so a resumed run continues on the moved schedule.
+    before a move keep their factors. :class:`WarmupCosineLR` saves a moved schedule in its
+    ``state_dict``, so a resumed run continues on it.
 
     Args:
         warmup_steps: Number of warm-up steps (0 disables warm-up).
@@ -394,6 +394,7 @@ class WarmupCosine:
         # (step, progress of the cosine there): progress is linear in the step between knots
         # and reaches 1 at total_steps; end_at adds a knot where it moves the end.
         self.knots: list[tuple[int, float]] = [(warmup_steps, 0.0)]
+        self.moved = False
 
     def __call__(self, step: int) -> float:
         if step < 0:
@@ -438,6 +439,23 @@ class WarmupCosine:
             self.warmup_steps = total_steps
             self.knots = [(total_steps, 0.0)]
         self.total_steps = total_steps
+        self.moved = True
+
+
+class WarmupCosineLR(LambdaLR):
+    """A LambdaLR of one :class:`WarmupCosine`: a resume restores it only where it was moved.
+
+    Loading a ``state_dict`` restores the step count and, if :meth:`WarmupCosine.end_at` had
+    moved the saved schedule, that moved schedule. An unmoved one is not restored: the
+    schedule this scheduler was built with stays, so a rerun with more epochs follows the
+    longer schedule (as if planned from the start) rather than the one it was saved with.
+    """
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        saved = state_dict.get("lr_lambdas") or []
+        if not any(isinstance(s, dict) and s.get("moved") for s in saved):
+            state_dict = {**state_dict, "lr_lambdas": [None] * len(saved)}
+        super().load_state_dict(state_dict)
 
 
 def build_warmup_cosine_scheduler(
@@ -456,14 +474,14 @@ def build_warmup_cosine_scheduler(
         final_factor: Final factor of the peak learning rate.
 
     Returns:
-        A :class:`~torch.optim.lr_scheduler.LambdaLR`; call ``scheduler.step()`` after every
-        ``optimizer.step()``. Its ``lr_lambdas`` hold the :class:`WarmupCosine` (one object
-        for every group), whose :meth:`WarmupCosine.end_at` moves the end of the decay.
+        A :class:`WarmupCosineLR`; call ``scheduler.step()`` after every ``optimizer.step()``.
+        Its ``lr_lambdas`` hold the :class:`WarmupCosine` (one object for every group), whose
+        :meth:`WarmupCosine.end_at` moves the end of the decay.
     """
     factor = WarmupCosine(
         warmup_steps=warmup_steps, total_steps=total_steps, final_factor=final_factor
     )
-    return LambdaLR(optimizer, lr_lambda=factor)
+    return WarmupCosineLR(optimizer, lr_lambda=factor)
 
 
 def _check_schedule(warmup_steps: int, total_steps: int, final_factor: float) -> None:

@@ -120,6 +120,7 @@ def prepare(config: FitConfig, *, callbacks: Sequence[Callback] = ()) -> Prepare
             f"the dataset ({len(train)} images); lower --batch-size"
         )
     module = build_module(config, in_channels=train.channels)
+    _check_budget_unchanged(config, output)
     if config.time_budget is not None:
         config = _fit_to_budget(config, module, train, output)
     datamodule = BarlowTwinsDataModule(
@@ -158,6 +159,19 @@ def _write_config(output: Path, config: FitConfig) -> None:
     (output / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
 
 
+def _check_budget_unchanged(config: FitConfig, output: Path) -> None:
+    """A budget run resumes only under its own budget: its schedule was planned for it."""
+    saved = output / "config.yaml"
+    if not ((output / CHECKPOINT_DIR / LAST_CHECKPOINT).is_file() and saved.is_file()):
+        return
+    budget = (yaml.safe_load(saved.read_text()) or {}).get("time_budget")
+    if budget is not None and budget != config.time_budget:
+        raise ConfigError(
+            f"{output} trains to a time budget of {budget} min; rerun with --time-budget "
+            f"{budget}, or use a new --output"
+        )
+
+
 def _budget_callbacks(config: FitConfig) -> list[Callback]:
     return [] if config.time_budget is None else [TimeBudget(config.time_budget)]
 
@@ -170,7 +184,7 @@ def _fit_to_budget(
     if (output / CHECKPOINT_DIR / LAST_CHECKPOINT).is_file() and saved.is_file():
         # A resumed run keeps its schedule (TimeBudget then applies its checkpoint's plan).
         previous = yaml.safe_load(saved.read_text()) or {}
-        if previous.get("time_budget") == config.time_budget and "epochs" in previous:
+        if previous.get("time_budget") is not None and "epochs" in previous:
             return config.model_copy(
                 update={key: previous.get(key) for key in ("epochs", "steps_per_epoch")}
             )
