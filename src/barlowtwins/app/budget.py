@@ -21,7 +21,6 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.trainer.states import TrainerFn
 
 from barlowtwins.nn.convolution import use_small_output_convolutions
 from barlowtwins.optim import WarmupCosine, build_optimizer
@@ -158,7 +157,6 @@ class TimeBudget(Callback):
         self.minutes = minutes
         self.clock = clock
         self.epochs: int | None = None
-        self._planned_at_step = -1
 
     def state_dict(self) -> dict[str, Any]:
         return {"epochs": self.epochs}
@@ -171,19 +169,9 @@ class TimeBudget(Callback):
         if self.epochs is not None:
             trainer.fit_loop.max_epochs = self.epochs
 
-    # The checkpoint callback runs after this one in the same hook: on validation end when the
-    # monitor runs, else on train epoch end. Re-planning in both puts the plan in the checkpoint.
-    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking:
-            self._replan(trainer)
-
+    # Lightning runs the checkpoint callbacks last in this hook (fit saves there), after the
+    # epoch's kNN monitor: the minutes include it and the checkpoint holds the new plan.
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._replan(trainer)
-
-    def _replan(self, trainer: L.Trainer) -> None:
-        if self._planned_at_step == trainer.global_step:
-            return
-        self._planned_at_step = trainer.global_step
         done, planned = trainer.current_epoch + 1, trainer.max_epochs
         if planned is None or done >= planned:
             return

@@ -120,9 +120,10 @@ def prepare(config: FitConfig, *, callbacks: Sequence[Callback] = ()) -> Prepare
             f"the dataset ({len(train)} images); lower --batch-size"
         )
     module = build_module(config, in_channels=train.channels)
-    _check_budget_unchanged(config, output)
+    previous = _resumed_config(output)
+    _check_budget_unchanged(config, previous, output)
     if config.time_budget is not None:
-        config = _fit_to_budget(config, module, train, output)
+        config = _fit_to_budget(config, module, train, previous)
     datamodule = BarlowTwinsDataModule(
         train,
         config.batch_size,
@@ -159,12 +160,19 @@ def _write_config(output: Path, config: FitConfig) -> None:
     (output / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
 
 
-def _check_budget_unchanged(config: FitConfig, output: Path) -> None:
-    """A budget run resumes only under its own budget: its schedule was planned for it."""
+def _resumed_config(output: Path) -> dict[str, Any] | None:
+    """The config.yaml of the run a checkpoint in ``output`` resumes, if there is one."""
     saved = output / "config.yaml"
     if not ((output / CHECKPOINT_DIR / LAST_CHECKPOINT).is_file() and saved.is_file()):
-        return
-    budget = (yaml.safe_load(saved.read_text()) or {}).get("time_budget")
+        return None
+    return yaml.safe_load(saved.read_text()) or {}
+
+
+def _check_budget_unchanged(
+    config: FitConfig, previous: dict[str, Any] | None, output: Path
+) -> None:
+    """A budget run resumes only under its own budget: its schedule was planned for it."""
+    budget = None if previous is None else previous.get("time_budget")
     if budget is not None and budget != config.time_budget:
         raise ConfigError(
             f"{output} trains to a time budget of {budget} min; rerun with --time-budget "
@@ -177,17 +185,17 @@ def _budget_callbacks(config: FitConfig) -> list[Callback]:
 
 
 def _fit_to_budget(
-    config: FitConfig, module: BarlowTwinsModule, train: ImageDataset, output: Path
+    config: FitConfig,
+    module: BarlowTwinsModule,
+    train: ImageDataset,
+    previous: dict[str, Any] | None,
 ) -> FitConfig:
     """The config with its epochs and steps sized to its time budget, kept on a rerun."""
-    saved = output / "config.yaml"
-    if (output / CHECKPOINT_DIR / LAST_CHECKPOINT).is_file() and saved.is_file():
+    if previous is not None and previous.get("time_budget") is not None and "epochs" in previous:
         # A resumed run keeps its schedule (TimeBudget then applies its checkpoint's plan).
-        previous = yaml.safe_load(saved.read_text()) or {}
-        if previous.get("time_budget") is not None and "epochs" in previous:
-            return config.model_copy(
-                update={key: previous.get(key) for key in ("epochs", "steps_per_epoch")}
-            )
+        return config.model_copy(
+            update={key: previous.get(key) for key in ("epochs", "steps_per_epoch")}
+        )
     images = torch.stack([train[i][0] for i in range(config.batch_size)])
     step_seconds = measure_step_seconds(
         module,
@@ -296,12 +304,14 @@ def build_trainer(
     # last.ckpt is a checkpoint of its own, written after every epoch: Lightning's save_last
     # writes only in a step where a top-k checkpoint was saved (2.6), so an epoch whose kNN
     # monitor did not improve would leave last.ckpt (what a rerun resumes from and what
-    # `embed` loads) epochs behind.
+    # `embed` loads) epochs behind. Both save at the end of the training epoch, after its
+    # monitor and after the callbacks of that hook (TimeBudget's plan is in the checkpoint).
     checkpoints = [
         ModelCheckpoint(
             dirpath=output / CHECKPOINT_DIR,
             filename=Path(LAST_CHECKPOINT).stem,
             save_top_k=1,
+            save_on_train_epoch_end=True,
             enable_version_counter=False,
         )
     ]
@@ -313,6 +323,7 @@ def build_trainer(
                 monitor="val_knn_acc",
                 mode="max",
                 save_top_k=1,
+                save_on_train_epoch_end=True,
                 enable_version_counter=False,
             )
         )
