@@ -5,7 +5,9 @@ small-image stem (3x3 stride-1 first convolution, no max-pool) and a 512-2048-20
 projector, on random uint8 32x32 RGB images, ``--batch`` images per step. ``--fit-network``
 trains the network of ``barlowtwins fit``'s defaults instead: ResNet-10 with the standard stem
 on 28x28 images, batch 512, projector 1024-1024-1024 (RGB on both sides, as lightly's
-transform expects three channels). One step is: make both views of the batch,
+transform expects three channels). ``--backbone``, ``--image-size``, ``--small-image`` /
+``--no-small-image`` and ``--projector`` change one part of either network, e.g. a ResNet-50
+on 224 px images with an 8192-8192-8192 projector. One step is: make both views of the batch,
 forward both, the Barlow Twins loss, backward and the optimiser step. Throughput is source
 images per second (each image gives two views), median of interleaved repeats after warm-up.
 
@@ -57,6 +59,13 @@ from barlowtwins.backbones import resnet10
 # (backbone, small-image stem, image size, batch, projector) of the two networks.
 ISSUE_NETWORK = ("resnet18", True, 32, 128, (2048, 2048, 2048))
 FIT_NETWORK = ("resnet10", False, 28, 512, (1024, 1024, 1024))
+# lightly's side builds these plain torchvision ResNets, barlowtwins' side the same by name.
+_TORCHVISION_RESNETS: dict[str, Callable[[], torchvision.models.ResNet]] = {
+    "resnet10": resnet10,
+    "resnet18": torchvision.models.resnet18,
+    "resnet34": torchvision.models.resnet34,
+    "resnet50": torchvision.models.resnet50,
+}
 # The issue's targets: 2.5x on the default path, at least even at equal precision.
 _DEFAULT_TARGET = 2.5
 _EQUAL_TARGET = 1.0
@@ -80,11 +89,30 @@ def _parse_args() -> argparse.Namespace:
         "--num-images", type=int, default=512, help="random images in the dataset (default: 512)"
     )
     parser.add_argument(
+        "--backbone",
+        choices=sorted(_TORCHVISION_RESNETS),
+        default=None,
+        help="the ResNet on both sides (default: resnet18; resnet10 with --fit-network)",
+    )
+    parser.add_argument(
+        "--image-size",
+        type=int,
+        default=None,
+        help="side of the random images and views (default: 32; 28 with --fit-network)",
+    )
+    parser.add_argument(
+        "--small-image",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="the small-image stem (3x3 stride-1 first convolution, no max-pool) on both sides "
+        "(default: on; off with --fit-network)",
+    )
+    parser.add_argument(
         "--projector",
         type=int,
         nargs="+",
         default=None,
-        help="projector sizes after the 512 backbone features "
+        help="projector sizes after the backbone features "
         "(default: 2048 2048 2048; 1024 1024 1024 with --fit-network)",
     )
     parser.add_argument(
@@ -116,9 +144,12 @@ def _parse_args() -> argparse.Namespace:
     )
     _common.add_common_arguments(parser, repeats=2)
     args = parser.parse_args()
-    args.backbone, args.small_image, args.image_size, batch, projector = (
+    backbone, small_image, image_size, batch, projector = (
         FIT_NETWORK if args.fit_network else ISSUE_NETWORK
     )
+    args.backbone = backbone if args.backbone is None else args.backbone
+    args.small_image = small_image if args.small_image is None else args.small_image
+    args.image_size = image_size if args.image_size is None else args.image_size
     args.batch = batch if args.batch is None else args.batch
     args.projector = list(projector) if args.projector is None else args.projector
     return args
@@ -221,7 +252,7 @@ def lightly_side(args: argparse.Namespace, images: Tensor, device: torch.device)
     from lightly.models.modules import BarlowTwinsProjectionHead
 
     # Plain torchvision ResNets, as lightly's example builds them.
-    resnet = {"resnet10": resnet10, "resnet18": torchvision.models.resnet18}[args.backbone]()
+    resnet = _TORCHVISION_RESNETS[args.backbone]()
     if args.small_image:
         # The same small-image stem as barlowtwins' small_image=True.
         resnet.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)

@@ -8,12 +8,19 @@ errors are the command's, with one more Lightning callback: on global rank 0, at
 the training step that makes ``trainer.global_step == STEP``, it writes the file MARKER (which
 holds the step) and then waits until a line or the end of its standard input arrives. The
 other ranks do not pause; they wait for rank 0 in their next collective. Lightning restarts
-this script with the same arguments for ranks 1.. of a one-node DDP run.
+this script with the same arguments for ranks 1.. of a one-node DDP run. ``STEP`` -1 never
+pauses.
+
+With the environment variable ``VIEW_LOG`` set to a folder, every rank also appends one line
+per training step to ``VIEW_LOG/rank-R.txt``: the step and a SHA-256 of the augmented views
+it trains on (what the tests of per-rank augmentation streams compare).
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -49,11 +56,29 @@ class PauseAtStep(Callback):
         sys.stdin.readline()
 
 
+class ViewLog(Callback):
+    """Appends ``STEP SHA256`` of each training step's views to ``folder/rank-R.txt``."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        views = batch[0]  # after the module's transfer hook: (views, labels, indices)
+        digest = hashlib.sha256()
+        for view in views:
+            digest.update(view.detach().cpu().contiguous().numpy().tobytes())
+        with open(self.folder / f"rank-{trainer.global_rank}.txt", "a") as log:
+            log.write(f"{trainer.global_step} {digest.hexdigest()}\n")
+
+
 if __name__ == "__main__":
     step, marker, *command = sys.argv[1:]
+    callbacks: list[Callback] = [PauseAtStep(int(step), Path(marker))]
+    if os.environ.get("VIEW_LOG"):
+        callbacks.append(ViewLog(Path(os.environ["VIEW_LOG"])))
     # The command looks fit() up in barlowtwins.app.fit when it runs; it has no option of its own
     # for extra callbacks, fit() has.
-    barlowtwins.app.fit.fit = functools.partial(
-        barlowtwins.app.fit.fit, callbacks=[PauseAtStep(int(step), Path(marker))]
-    )
+    barlowtwins.app.fit.fit = functools.partial(barlowtwins.app.fit.fit, callbacks=callbacks)
     sys.exit(main(command))

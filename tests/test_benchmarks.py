@@ -1,4 +1,4 @@
-"""Each benchmark runs end to end against lightly at toy sizes.
+"""Each benchmark runs end to end at toy sizes (against lightly where it compares).
 
 The figures at these sizes mean nothing and are not checked; the tests keep the scripts
 runnable (one of them once broke silently when a helper it imports changed) and their
@@ -35,11 +35,14 @@ _REQUIRED_LINES = {
 }
 
 
-def _run(script: str, options: list[str], timeout: int) -> subprocess.CompletedProcess[str]:
+def _run(
+    script: str, options: list[str], timeout: int, *, threads: bool = True
+) -> subprocess.CompletedProcess[str]:
     """``benchmarks/SCRIPT`` on one thread (options last: --fit-args takes the rest); it must
-    succeed without a traceback."""
+    succeed without a traceback. ``threads=False`` for a script without ``--threads``."""
+    one_thread = ["--threads", "1"] if threads else []
     result = subprocess.run(
-        [sys.executable, f"benchmarks/{script}", "--threads", "1", *options],
+        [sys.executable, f"benchmarks/{script}", *one_thread, *options],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -88,3 +91,17 @@ def test_quality_benchmark_compares_and_plots_time_to_accuracy(tmp_path: Path) -
         assert plot.stat().st_size > 10_000
         ours.append(curves[0][1])
     assert ours[0] == ours[1], "--run did not compare the finished run's own curve"
+
+
+@pytest.mark.slow
+def test_data_path_benchmark_writes_then_reuses_a_jpeg_folder(tmp_path: Path) -> None:
+    """40 tiny JPEGs written into --folder, then reused; one images/s line per worker count."""
+    folder = tmp_path / "jpegs"
+    options = ["--folder", str(folder), "--count", "40", "--size", "64x48", "--image-size", "32"]
+    options += ["--batch", "8", "--batches", "2", "--workers", "0", "2"]
+    for expected in ("wrote 40 JPEGs of 64x48", "reusing 40 JPEGs"):
+        result = _run("data_path.py", options, timeout=300, threads=False)
+        assert expected in result.stdout, result.stdout
+        rates = re.findall(r"^(\d+) workers: [\d.]+ images/s$", result.stdout, re.MULTILINE)
+        assert rates == ["0", "2"], result.stdout
+    assert len(list(folder.glob("*.jpg"))) == 40

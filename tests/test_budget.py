@@ -101,16 +101,26 @@ def test_shortened_epochs_train_their_steps_and_end_the_cosine(tmp_path: Path) -
         assert last == pytest.approx(base * config.final_lr_factor)
 
 
-def test_prepare_sizes_the_schedule(tmp_path: Path) -> None:
+class _StopAtStart(Callback):
+    """Ends the fit before its first step: the plan is made by then."""
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        trainer.should_stop = True
+
+
+def test_the_schedule_is_sized_when_training_starts_and_recorded_at_once(tmp_path: Path) -> None:
     output = tmp_path / "run"
     config = load_fit_config(None, {**_TINY, "time_budget": 600, "output": str(output)})
-    run = prepare(config)
+    run = prepare(config, callbacks=[_StopAtStart()])
+    run.trainer.fit(run.module, datamodule=run.datamodule)
     # Four steps of 16 tiny images take well under a second anywhere: 10 hours hold many.
-    assert run.config.epochs > 1 and run.trainer.max_epochs == run.config.epochs
-    steps = run.config.steps_per_epoch
-    assert steps is not None and 1 <= steps <= 4 and run.trainer.limit_train_batches == steps
+    epochs, steps = run.trainer.max_epochs, run.trainer.limit_train_batches
+    assert epochs is not None and epochs > 1 and isinstance(steps, int) and 1 <= steps <= 4
+    # The learning-rate schedule was built for the plan.
+    (schedule,) = run.trainer.lr_scheduler_configs
+    assert schedule.scheduler.lr_lambdas[0].total_steps == epochs * steps  # type: ignore[attr-defined]
     saved = yaml.safe_load((output / "config.yaml").read_text())
-    assert (saved["epochs"], saved["steps_per_epoch"]) == (run.config.epochs, steps)
+    assert (saved["epochs"], saved["steps_per_epoch"]) == (epochs, steps)
 
 
 def test_a_budget_trains_records_its_schedule_and_a_rerun_keeps_it(tmp_path: Path) -> None:
@@ -134,11 +144,6 @@ def test_a_budget_trains_records_its_schedule_and_a_rerun_keeps_it(tmp_path: Pat
     for budget in (0.5, None):
         with pytest.raises(ConfigError, match=r"trains to a time budget of 0\.0001 min"):
             prepare(load_fit_config(None, {**saved, "time_budget": budget}))
-
-
-def test_a_budget_needs_a_single_process(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="time_budget sizes single-process runs"):
-        load_fit_config(None, {**_TINY, "time_budget": 5, "devices": 2, "output": str(tmp_path)})
 
 
 @pytest.mark.parametrize(
@@ -204,7 +209,9 @@ def test_a_plan_lengthened_after_the_first_epoch_survives_a_resume(tmp_path: Pat
     )
 
     def budget_of_5_epochs(run_callbacks: list[Callback]) -> None:
-        run = prepare(config, callbacks=[TimeBudget(1.0), _EpochsTake(0.2), *run_callbacks])
+        run = prepare(
+            config, callbacks=[TimeBudget(1.0, plan=(2, 4)), _EpochsTake(0.2), *run_callbacks]
+        )
         resume = run.last_checkpoint if run.last_checkpoint.is_file() else None
         run.trainer.fit(run.module, datamodule=run.datamodule, ckpt_path=resume)
 

@@ -230,7 +230,15 @@ def test_print_config_shows_the_optimizers_learning_rates(
         (["fit", "--batch-size", "1"], "batch size must be >= 2"),
         # One more process than this machine has cores, whatever it has.
         (
-            ["fit", "--accelerator", "cpu", "--devices", str(_CORES + 1)],
+            [
+                "fit",
+                "--accelerator",
+                "cpu",
+                "--batch-size-per-device",
+                "64",
+                "--devices",
+                str(_CORES + 1),
+            ],
             f"devices={_CORES + 1} but this machine has {_CORES} CPU cores",
         ),
         # Lightning has it, but fit's float32 views cannot feed float64 weights.

@@ -34,8 +34,9 @@ def test_a_folder_gets_the_folder_recipe_resolved(
     )
     assert printed["channels"] == 3 and printed["val_data"] is None
     assert printed["precision"] in ("32-true", "bf16-mixed", "16-mixed")
-    # Only Lightning's own accelerator choice may stay "auto".
-    assert [k for k, v in printed.items() if v == "auto"] == ["accelerator"]
+    # Only the device choices may stay "auto": Lightning's accelerator, and DDP when there
+    # is more than one process.
+    assert [k for k, v in printed.items() if v == "auto"] == ["accelerator", "strategy"]
     assert all(printed[k] is not None for k in ("image_size", "batch_size", "epochs"))
 
 
@@ -128,3 +129,51 @@ def test_folders_decoded_per_batch_get_dataloader_workers(
     assert not fits_in_memory(data, image_size=64, channels=3, limit_bytes=4 * 3 * 64 * 64 - 1)
     assert _printed(["--data", str(data)], capsys)["num_workers"] == 0  # decoded once
     assert _printed(["--num-workers", "3", "--data", str(data)], capsys)["num_workers"] == 3
+
+
+def test_the_paper_recipe_trains_its_global_batch_on_any_number_of_devices(
+    image_folder: ImageFolderFactory, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = image_folder("imagenet-like", count=4)
+    base = ["fit", "--recipe", "paper", "--data", str(data), "--accelerator", "cpu"]
+    for devices, per_device in ((1, 2048), (2, 1024)):
+        assert main([*base, "--devices", str(devices), "--print-config"]) == 0
+        text = capsys.readouterr().out
+        printed = yaml.safe_load(text)
+        assert (printed["batch_size"], printed["batch_size_per_device"]) == (2048, per_device)
+        # The paper's rates (0.2 and 0.0048 per 256 images) at its global batch of 2048.
+        assert (printed["lr_weights"], printed["lr_biases"]) == (0.2, 0.0048)
+        assert text.startswith(
+            f"# global batch 2048 = {devices} process(es) x {per_device} per device; lars "
+            "learning rates at this batch: weights 1.6, biases 0.0384\n"
+        )
+
+
+def test_the_batch_per_device_alone_sets_the_global_batch(tmp_path: Path) -> None:
+    config = load_fit_config(
+        None,
+        {"accelerator": "cpu", "devices": 2, "batch_size_per_device": 96, "output": str(tmp_path)},
+    )
+    assert (config.batch_size, config.batch_size_per_device, config.world_size) == (192, 96, 2)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (
+            {"batch_size": 100, "num_nodes": 3},
+            "batch size 100 (the global batch) does not split over 3 processes: give a "
+            "multiple of 3, or --batch-size-per-device",
+        ),
+        (
+            {"batch_size": 512, "batch_size_per_device": 100, "devices": 2},
+            "batch size 512 over 2 process(es) is 256 per device, not 100: give one of the two",
+        ),
+    ],
+)
+def test_a_batch_that_cannot_split_is_a_one_line_error(
+    tmp_path: Path, options: dict, message: str
+) -> None:
+    with pytest.raises(ConfigError) as error:
+        load_fit_config(None, {"accelerator": "cpu", **options, "output": str(tmp_path)})
+    assert str(error.value) == message

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
-from torch import nn
 
 from barlowtwins import BarlowTwinsLoss, BatchedBarlowTwinsAugment
 from barlowtwins.model import BarlowTwins
-from barlowtwins.nn.distributed import sync_batchnorm
 
 pytestmark = [
     pytest.mark.cuda,
@@ -41,6 +44,15 @@ def test_training_step_on_cuda_with_bf16() -> None:
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 
 
-def test_sync_batchnorm_uses_torch_syncbn_on_cuda() -> None:
-    model = sync_batchnorm(nn.Sequential(nn.BatchNorm1d(4)), "cuda")
-    assert isinstance(model[0], nn.SyncBatchNorm)
+def test_one_gpu_ddp_trains_with_syncbatchnorm_and_scores_on_the_gpu(tmp_path: Path) -> None:
+    output = tmp_path / "run"
+    arguments = ["fit", "--accelerator", "gpu", "--devices", "1", "--strategy", "ddp"]
+    arguments += ["--max-samples", "512", "--val-max-samples", "256", "--knn-bank-size", "256"]
+    arguments += ["--epochs", "1", "--batch-size", "128", "--no-plots", "--output", str(output)]
+    result = subprocess.run(
+        [sys.executable, "-m", "barlowtwins", *arguments], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads((output / "results.json").read_text())
+    assert results["hardware"]["batch_norm"] == "SyncBatchNorm"
+    assert results["scored_on"].startswith("cuda")

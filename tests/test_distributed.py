@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import lightning as L
 import pytest
 import torch
 from torch import nn
@@ -14,7 +15,10 @@ from barlowtwins.nn.distributed import (
     GlobalBatchNorm,
     convert_to_global_batchnorm,
     revert_global_batchnorm,
+    sync_batchnorm,
 )
+from barlowtwins.training.callbacks import GlobalBatchNormSync, training_device
+from barlowtwins.training.module import BarlowTwinsModule
 
 _PER_RANK = 4
 
@@ -101,3 +105,26 @@ def test_conversion_shares_parameters_and_reverts_to_original_class() -> None:
     reverted = revert_global_batchnorm(converted)
     assert type(reverted[1]) is nn.BatchNorm1d
     assert reverted[1].weight is weight
+
+
+@pytest.mark.parametrize(
+    ("device", "layer"), [("cuda", nn.SyncBatchNorm), ("cpu", GlobalBatchNorm)]
+)
+def test_the_batch_norm_sync_is_chosen_from_the_training_device(
+    device: str, layer: type[nn.Module]
+) -> None:
+    # The decision needs no GPU: torch's converter only swaps the classes.
+    model = sync_batchnorm(nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4)), device)
+    assert type(model[1]) is layer
+
+
+def test_the_plugin_asks_the_trainer_not_the_parameters_where_training_runs() -> None:
+    module = BarlowTwinsModule(backbone="resnet10", in_channels=1, image_size=16, batch_size=8)
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False)
+    # Lightning attaches the module before the DDP strategy applies the plugin, and applies it
+    # before it moves the parameters to the GPU: they are not where training will run.
+    module.trainer = trainer
+    module.to("meta")
+    assert training_device(module) == trainer.strategy.root_device == torch.device("cpu")
+    synced = GlobalBatchNormSync().apply(module)
+    assert any(isinstance(m, GlobalBatchNorm) for m in synced.modules())

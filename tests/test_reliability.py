@@ -12,8 +12,7 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,18 @@ from typing import Any
 import pytest
 import torch
 
+from _fit_process import (
+    ENV,
+    WAIT_S,
+    alive,
+    children,
+    go_on,
+    paused_fit,
+    tail,
+    wait_for,
+    wait_for_pause,
+    wait_until,
+)
 from barlowtwins.app.cli import main
 from barlowtwins.training.callbacks import AtomicCheckpointIO
 from barlowtwins.training.checkpoint import CheckpointError, atomic_write, safe_load
@@ -58,13 +69,6 @@ _KILL_EPOCHS = 2
 _STEPS_PER_EPOCH = 4
 # The first step of the second epoch: the first epoch's checkpoint is on disk by then.
 _PAUSE_STEP = _STEPS_PER_EPOCH + 1
-# Runs fit with a callback that stops at a given step until the test lets it go on.
-_PAUSED_FIT = Path(__file__).with_name("_paused_fit.py")
-# A failure guard, not a wait for a state: every wait below ends at an event.
-_WAIT_S = 300
-# One intra-op thread in every subprocess: on shared cores, threads that wait for each other
-# cost more than they gain, and runs compared float for float must add in the same order.
-_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 _ERROR_LINE = re.compile(r"^barlowtwins: error: .+$", re.MULTILINE)
 
 
@@ -107,62 +111,10 @@ def _fit_command(output: Path, epochs: int) -> list[str]:
     return [sys.executable, "-m", "barlowtwins", *_fit_arguments(output, epochs)]
 
 
-@contextmanager
-def _paused_fit(
-    arguments: list[str], pause_step: int, marker: Path, log: Path
-) -> Iterator[subprocess.Popen[bytes]]:
-    """``barlowtwins ARGUMENTS`` in a subprocess whose rank 0 writes ``marker`` after training
-    step ``pause_step`` and then waits for :func:`_go_on`; killed on the way out."""
-    command = [sys.executable, str(_PAUSED_FIT), str(pause_step), str(marker), *arguments]
-    # A file, not a pipe: nobody reads while the run trains, and a full pipe would stall it.
-    with open(log, "wb") as handle:
-        process = subprocess.Popen(
-            command, stdin=subprocess.PIPE, stdout=handle, stderr=subprocess.STDOUT, env=_ENV
-        )
-    try:
-        yield process
-    finally:
-        if process.poll() is None:
-            process.kill()
-        process.wait()
-        assert process.stdin is not None
-        process.stdin.close()
-
-
-def _go_on(process: subprocess.Popen[bytes]) -> None:
-    """Let a run paused by :func:`_paused_fit` continue."""
-    assert process.stdin is not None
-    process.stdin.write(b"\n")
-    process.stdin.flush()
-
-
-def _tail(log: Path) -> str:
-    return log.read_text(errors="replace")[-3000:]
-
-
-def _wait_for(
-    condition: Callable[[], bool], what: str, process: subprocess.Popen[bytes], log: Path
-) -> None:
-    """Poll until ``condition()``; fail with the run's log if the run exits or hangs first."""
-    deadline = time.monotonic() + _WAIT_S
-    while not condition():
-        if process.poll() is not None:
-            pytest.fail(f"fit exited ({process.returncode}) before {what}:\n{_tail(log)}")
-        if time.monotonic() > deadline:
-            pytest.fail(f"no {what} after {_WAIT_S} s:\n{_tail(log)}")
-        time.sleep(0.05)
-
-
-def _wait_for_pause(process: subprocess.Popen[bytes], marker: Path, log: Path) -> int:
-    """Wait until the run is paused; returns the step it paused at."""
-    _wait_for(marker.is_file, f"pause ({marker.name})", process, log)
-    return int(marker.read_text())
-
-
 def _run_to_end(output: Path, epochs: int) -> subprocess.CompletedProcess[str]:
     """Run the command to the end (resuming from ``output`` if it can); it must succeed."""
     result = subprocess.run(
-        _fit_command(output, epochs), capture_output=True, text=True, timeout=_WAIT_S, env=_ENV
+        _fit_command(output, epochs), capture_output=True, text=True, timeout=WAIT_S, env=ENV
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return result
@@ -303,9 +255,9 @@ def killed_and_resumed(tmp_path_factory: pytest.TempPathFactory) -> _Resumed:
     root = tmp_path_factory.mktemp("kill9")
     output, log, marker = root / "run", root / "killed.log", root / "paused"
     arguments = _fit_arguments(output, _KILL_EPOCHS)
-    with _paused_fit(arguments, _PAUSE_STEP, marker, log) as process:
+    with paused_fit(arguments, _PAUSE_STEP, marker, log) as process:
         # Mid-training in the second epoch, one step past the first epoch's checkpoint.
-        assert _wait_for_pause(process, marker, log) == _PAUSE_STEP
+        assert wait_for_pause(process, marker, log) == _PAUSE_STEP
         process.send_signal(signal.SIGKILL)
         process.wait(timeout=60)
     checkpoint = safe_load(output / "checkpoints" / "last.ckpt")
@@ -355,24 +307,24 @@ def test_preemption_signal_saves_the_current_step_and_rerun_finishes(
 ) -> None:
     output, log, marker = tmp_path / "run", tmp_path / "terminated.log", tmp_path / "paused"
     last = output / "checkpoints" / "last.ckpt"
-    with _paused_fit(_fit_arguments(output, 2), _PAUSE_STEP, marker, log) as process:
-        assert _wait_for_pause(process, marker, log) == _PAUSE_STEP
+    with paused_fit(_fit_arguments(output, 2), _PAUSE_STEP, marker, log) as process:
+        assert wait_for_pause(process, marker, log) == _PAUSE_STEP
         process.send_signal(signum)
         # The run goes on once Lightning's handler has noted the signal (it logs that), so the
         # signal is seen at the end of this very step.
-        _wait_for(
+        wait_for(
             lambda: "Received SIGTERM" in log.read_text(errors="replace"),
             "SIGTERM noted",
             process,
             log,
         )
-        _go_on(process)
+        go_on(process)
         # Lightning stops at the end of the step the signal came in.
-        assert process.wait(timeout=120) == 143, _tail(log)
+        assert process.wait(timeout=120) == 143, tail(log)
     stopped = re.search(
         r"stopped by SIGTERM/SIGUSR1 at step (\d+)", log.read_text(errors="replace")
     )
-    assert stopped is not None, _tail(log)
+    assert stopped is not None, tail(log)
     assert int(stopped.group(1)) == _PAUSE_STEP
     # The preemption checkpoint asks Lightning for the full state explicitly (no notice).
     assert "weights_only" not in log.read_text(errors="replace")
@@ -476,52 +428,26 @@ def test_resume_with_another_optimizer_is_a_one_line_error(
 # `fit --devices 2` on CPU: Lightning starts rank 1 as a child process of rank 0 (gloo).
 
 
-def _children(pid: int) -> list[int]:
-    """PIDs of the live child processes of ``pid``."""
-    try:
-        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
-    except OSError:
-        return []
-    return [int(child) for child in text.split() if _alive(int(child))]
-
-
-def _alive(pid: int) -> bool:
-    """Whether ``pid`` runs (a zombie has finished: it only waits to be reaped)."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state != "Z"
-
-
-def _wait_until(condition: Callable[[], bool], timeout: float, what: str, log: Path) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"{what} not within {timeout} s:\n{_tail(log)}")
-        time.sleep(0.1)
-
-
 @contextmanager
 def _two_rank_fit(
     output: Path, log: Path, marker: Path
 ) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
     """A 2-process ``fit`` whose rank 0 is paused after the first training step (rank 1 waits
     for it in its next collective): yields rank 0's process and rank 1's PID. Call
-    :func:`_go_on` to let rank 0 continue."""
+    :func:`go_on` to let rank 0 continue."""
     # Two epochs (2 steps each): the tests end the job in its first.
     arguments = [*_fit_arguments(output, 2), "--devices", "2"]
     rank1: list[int] = []
-    with _paused_fit(arguments, 1, marker, log) as process:
+    with paused_fit(arguments, 1, marker, log) as process:
         try:
-            _wait_for_pause(process, marker, log)
+            wait_for_pause(process, marker, log)
             # Rank 1 trained the first step with rank 0, so it runs now.
-            rank1 = _children(process.pid)
-            assert len(rank1) == 1, (rank1, _tail(log))
+            rank1 = children(process.pid)
+            assert len(rank1) == 1, (rank1, tail(log))
             yield process, rank1[0]
         finally:
             for pid in rank1:
-                if _alive(pid):
+                if alive(pid):
                     os.kill(pid, signal.SIGKILL)
 
 
@@ -531,8 +457,8 @@ def test_a_killed_rank_ends_the_whole_job(tmp_path: Path) -> None:
     with _two_rank_fit(tmp_path / "run", log, tmp_path / "paused") as (process, rank1):
         os.kill(rank1, signal.SIGKILL)
         # Dead (a zombie until rank 0 reaps it) before rank 0 goes on to its next collective.
-        _wait_until(lambda: not _alive(rank1), 30, "rank 1's end", log)
-        _go_on(process)
+        wait_until(lambda: not alive(rank1), 30, "rank 1's end", log)
+        go_on(process)
         # Rank 0 would otherwise wait for rank 1 in the next all-reduce for 30 minutes.
         process.wait(timeout=60)
         assert process.returncode != 0
@@ -540,7 +466,7 @@ def test_a_killed_rank_ends_the_whole_job(tmp_path: Path) -> None:
     assert "Traceback" not in text
     # Rank 0 names the dead rank: in its one-line error when its next collective fails first,
     # else in the log line of Lightning's watchdog, which then kills it.
-    assert re.search(rf"\b{rank1}\b.* code -9", text), _tail(log)
+    assert re.search(rf"\b{rank1}\b.* code -9", text), tail(log)
 
 
 @pytest.mark.slow
@@ -550,9 +476,9 @@ def test_an_error_on_rank_0_ends_the_other_rank_with_a_one_line_error(tmp_path: 
     output, log = tmp_path / "run", tmp_path / "fit.log"
     (output / "checkpoints" / "last.ckpt").mkdir(parents=True)
     with _two_rank_fit(output, log, tmp_path / "paused") as (process, rank1):
-        _go_on(process)
-        assert process.wait(timeout=_WAIT_S) == 2, _tail(log)
-        _wait_until(lambda: not _alive(rank1), 30, "rank 1's end", log)
+        go_on(process)
+        assert process.wait(timeout=WAIT_S) == 2, tail(log)
+        wait_until(lambda: not alive(rank1), 30, "rank 1's end", log)
     text = log.read_text(errors="replace")
     assert "Traceback" not in text
-    assert re.search(r"barlowtwins: error: .*last\.ckpt", text), _tail(log)
+    assert re.search(r"barlowtwins: error: .*last\.ckpt", text), tail(log)

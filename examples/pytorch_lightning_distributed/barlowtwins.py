@@ -19,7 +19,9 @@
 # over the global batch (`GlobalBatchNormSync`: `torch.nn.SyncBatchNorm` on GPUs, our
 # `GlobalBatchNorm` on CPU), and a loss whose statistics are taken over all processes
 # (`gather_distributed=True`). With both, W processes compute exactly the loss and gradients
-# of one process on the global batch of `batch_size * W` images.
+# of one process on the global batch. `--batch-size` is that global batch, as in the paper:
+# the data module gives each of the W processes `batch_size / W` images a step, each process
+# draws its own augmentations, and the learning rate follows the global batch.
 #
 # The notebook trains one epoch on 2048 images with `--strategy ddp_notebook`, which forks
 # the kernel into the 2 processes (the script's `ddp` starts them by running the script
@@ -35,7 +37,7 @@ parser = argparse.ArgumentParser(description="Barlow Twins with Lightning DDP.")
 parser.add_argument("--data", default="fashion-mnist", help="fashion-mnist or an image folder")
 parser.add_argument("--download", action="store_true", help="download Fashion-MNIST if absent")
 parser.add_argument("--epochs", type=int, default=10)
-parser.add_argument("--batch-size", type=int, default=128, help="per process")
+parser.add_argument("--batch-size", type=int, default=256, help="global, over all processes")
 parser.add_argument("--max-samples", type=int, default=None, help="train on a subset")
 parser.add_argument("--image-size", type=int, default=28)
 parser.add_argument(

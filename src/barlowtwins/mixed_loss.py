@@ -20,7 +20,6 @@ Use :class:`MixUp` to draw ``alpha`` and ``perm`` and make the mixed images, the
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,6 +36,7 @@ from barlowtwins.loss import (
     _sum_of_squares,
 )
 from barlowtwins.nn.distributed import global_sum, world_size
+from barlowtwins.seeding import derived_seed
 
 
 @dataclass(frozen=True)
@@ -109,7 +109,7 @@ class MixUp:
         if step < 0:
             raise ValueError(f"step must be >= 0, got {step}")
         _check_batch(global_batch_size)
-        generator = torch.Generator().manual_seed(_step_seed(self.seed, step))
+        generator = torch.Generator().manual_seed(derived_seed(self.seed, step))
         alpha = float(torch.rand((), generator=generator, dtype=torch.float64))
         return alpha, torch.randperm(global_batch_size, generator=generator)
 
@@ -398,12 +398,6 @@ def _local_rows(permutation: Tensor, sizes: list[int], rank: int) -> Tensor:
         raise ValueError(f"permutation must contain each index 0..{n - 1} exactly once")
     start = sum(sizes[:rank])
     return permutation[start : start + sizes[rank]]
-
-
-def _step_seed(seed: int, step: int) -> int:
-    """A 63-bit seed mixing ``seed`` and ``step`` (Python's ``hash`` differs between processes)."""
-    digest = hashlib.blake2b(f"{seed}:{step}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1
 
 
 def _check_alpha(alpha: float) -> None:

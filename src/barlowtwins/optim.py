@@ -237,6 +237,25 @@ def scale_lr(base_lr: float, batch_size: int) -> float:
     return base_lr * batch_size / _REFERENCE_BATCH_SIZE
 
 
+def scaled_learning_rates(
+    name: str, batch_size: int, lr_weights: float, lr_biases: float
+) -> tuple[float, float]:
+    """The learning rates of weights and of biases and norms that ``name`` trains with at a
+    global batch of ``batch_size``: scaled by :func:`scale_lr` for "lars" and "sgd", as given
+    for "adamw" (see :func:`build_optimizer`).
+
+    Raises:
+        ValueError: If ``name`` is unknown or ``batch_size`` is not positive.
+    """
+    if name not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {name!r}; choose one of: {', '.join(OPTIMIZERS)}")
+    if name == "adamw":
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be a positive global batch size, got {batch_size}")
+        return lr_weights, lr_biases
+    return scale_lr(lr_weights, batch_size), scale_lr(lr_biases, batch_size)
+
+
 def build_optimizer(
     module: nn.Module,
     *,
@@ -286,14 +305,7 @@ def build_optimizer(
         >>> [g["lr"] for g in opt.param_groups]
         [0.4, 0.0096]
     """
-    if name not in OPTIMIZERS:
-        raise ValueError(f"unknown optimizer {name!r}; choose one of: {', '.join(OPTIMIZERS)}")
-    if name == "adamw":
-        if batch_size <= 0:
-            raise ValueError(f"batch_size must be a positive global batch size, got {batch_size}")
-        lrs = (lr_weights, lr_biases)
-    else:
-        lrs = (scale_lr(lr_weights, batch_size), scale_lr(lr_biases, batch_size))
+    lrs = scaled_learning_rates(name, batch_size, lr_weights, lr_biases)
     weights, biases_and_norms = split_parameters(module)
     groups: list[dict[str, Any]] = []
     for params, lr, decay, exclude in (

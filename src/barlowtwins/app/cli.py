@@ -14,7 +14,7 @@ from typing import Any, get_args, get_origin
 
 import yaml
 
-from barlowtwins.app.config import ConfigError, FitConfig, load_fit_config
+from barlowtwins.app.config import ConfigError, FitConfig, describe_batch, load_fit_config
 from barlowtwins.app.export import FORMATS
 from barlowtwins.app.recipes import DEFAULT_RECIPE, HYPERPARAMETERS, RECIPES
 from barlowtwins.app.runs import HEAD_WEIGHTS, RUN_SOURCES
@@ -42,6 +42,9 @@ def _configure_logging() -> None:
     logging.getLogger("lightning").propagate = False
     # torch deprecates a pytree class that Lightning still uses: nothing a user can act on.
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+    # Our epoch metrics are rank 0's on purpose (the loss is global on every rank, the health
+    # and monitor values are measured once): Lightning's advice to sync them does not apply.
+    warnings.filterwarnings("ignore", message=r".*when logging on epoch level in distributed")
     rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
     if not any(isinstance(f, _DropLightningTips) for f in rank_zero.filters):
         rank_zero.addFilter(_DropLightningTips())
@@ -98,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
         elif field.default is not None and not field.is_required():
             help_text += f" (default: {_shown(field.default)})"
         # Values stay strings: FitConfig validates and converts them, with one-line errors.
-        if field.annotation is bool:
+        if field.annotation is bool or set(get_args(field.annotation)) == {bool, type(None)}:
             fit.add_argument(
                 flag, action=argparse.BooleanOptionalAction, default=None, help=help_text
             )
@@ -167,7 +170,13 @@ def _add_inference_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--download", action="store_true", help="download Fashion-MNIST")
     parser.add_argument("--max-samples", type=int, help="use a subset")
     parser.add_argument("--batch-size", type=int, default=512)
-    parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: best)")
+    parser.add_argument(
+        "--accelerator",
+        "--device",
+        dest="accelerator",
+        default="auto",
+        help="auto (a GPU when there is one), cpu, gpu, cuda or cuda:N (default: auto)",
+    )
 
 
 def _shown(value: Any) -> str:
@@ -187,6 +196,7 @@ def _run_fit(args: argparse.Namespace) -> int:
     overrides = {name: getattr(args, name) for name in FitConfig.model_fields}
     config = load_fit_config(args.config, overrides)
     if args.print_config:
+        print(describe_batch(config))
         print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
         return 0
     from barlowtwins.app.fit import fit
@@ -230,7 +240,7 @@ def _run_embed(args: argparse.Namespace) -> int:
         download=args.download,
         max_samples=args.max_samples,
         batch_size=args.batch_size,
-        device=args.device,
+        accelerator=args.accelerator,
     )
     arrays: dict[str, Any] = {"embeddings": features.numpy()}
     if dataset.labels is not None:
@@ -262,7 +272,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         download=args.download,
         max_samples=args.max_samples,
         batch_size=args.batch_size,
-        device=args.device,
+        accelerator=args.accelerator,
     )
     width = max(len(name) for name in results)
     print(f"{'metric':<{width}}  value")

@@ -57,6 +57,20 @@ class FitConfig(BaseModel):
     accelerator: str = Field("auto", description="cpu, gpu, auto, ...")
     devices: int = Field(1, ge=1, description="devices (processes) per node")
     num_nodes: int = Field(1, ge=1, description="nodes (torchrun / SLURM)")
+    strategy: Literal["auto", "ddp"] = Field(
+        "auto", description="auto: DDP when there is more than one process; ddp: always"
+    )
+    batch_size_per_device: int | None = Field(
+        None,
+        ge=1,
+        description="images per device and step, instead of --batch-size: the global batch "
+        "is this x devices x nodes",
+    )
+    in_memory: bool | None = Field(
+        None,
+        description="decode an image folder once into memory (default: when its pixels fit "
+        "in 4 GiB), else per batch in DataLoader workers",
+    )
     num_workers: int = Field(
         ge=0, description="DataLoader workers (auto: 0 for in-memory data, else per core)"
     )
@@ -97,11 +111,13 @@ class FitConfig(BaseModel):
     )
     time_budget: float | None = Field(
         gt=0,
-        description="minutes of training: epochs and their steps are sized to fit from the "
-        "measured step time, the epochs re-counted after each one (one process; scoring and "
+        description="minutes of training: epochs and their steps are sized to fit from a step "
+        "timed on the training devices, the epochs re-counted after each one (scoring and "
         "plots come on top)",
     )
-    batch_size: int = Field(ge=2, description="batch per device (batch norm needs 2)")
+    batch_size: int = Field(
+        ge=2, description="global batch over all devices; each takes an equal share"
+    )
     image_size: int = Field(ge=8, description="side of the views in pixels")
     crop_scale: tuple[float, float] = Field(description="random-resized-crop area range")
     translate: float = Field(
@@ -123,6 +139,33 @@ class FitConfig(BaseModel):
         if min(dims) < 1:
             raise ValueError(f"projector dims must be positive, got {list(dims)}")
         return dims
+
+    @model_validator(mode="before")
+    @classmethod
+    def _batch_per_device_from_the_global_batch(cls, values: Any) -> Any:
+        if isinstance(values, dict) and values.get("batch_size_per_device") is None:
+            try:
+                processes = int(values.get("devices", 1)) * int(values.get("num_nodes", 1))
+                values = {**values, "batch_size_per_device": int(values["batch_size"]) // processes}
+            except (KeyError, TypeError, ValueError, ZeroDivisionError):
+                pass  # the field validators name the option that is wrong
+        return values
+
+    @model_validator(mode="after")
+    def _batch_splits_over_the_processes(self) -> FitConfig:
+        if self.batch_size % self.world_size:
+            raise ValueError(
+                f"batch size {self.batch_size} (the global batch) does not split over "
+                f"{self.world_size} processes: give a multiple of {self.world_size}, or "
+                "--batch-size-per-device"
+            )
+        if self.batch_size_per_device != self.batch_size // self.world_size:
+            raise ValueError(
+                f"batch size {self.batch_size} over {self.world_size} process(es) is "
+                f"{self.batch_size // self.world_size} per device, not "
+                f"{self.batch_size_per_device}: give one of the two"
+            )
+        return self
 
     @model_validator(mode="after")
     def _two_views_for_mixed_barlow_twins(self) -> FitConfig:
@@ -170,6 +213,21 @@ _RUN_AUTOS = ("precision", "num_workers", "channels", "val_data")
 _LAZY_FOLDER_WORKERS = max(1, min(8, os.cpu_count() or 1))
 
 
+def describe_batch(config: FitConfig) -> str:
+    """A YAML comment on the global batch, its split over the processes and the learning rates
+    it gives (``fit --print-config`` prints it above the values)."""
+    from barlowtwins.optim import scaled_learning_rates
+
+    weights, biases = scaled_learning_rates(
+        config.optimizer, config.batch_size, config.lr_weights, config.lr_biases
+    )
+    return (
+        f"# global batch {config.batch_size} = {config.world_size} process(es) x "
+        f"{config.batch_size_per_device} per device; {config.optimizer} learning rates at "
+        f"this batch: weights {weights:g}, biases {biases:g}"
+    )
+
+
 def load_fit_config(path: Path | None, overrides: dict[str, Any]) -> FitConfig:
     """The recipe, then the YAML file at ``path``, then ``overrides``; resolved, validated.
 
@@ -199,6 +257,9 @@ def load_fit_config(path: Path | None, overrides: dict[str, Any]) -> FitConfig:
     values = {**_recipe_values(recipe, user, spec), **user, "recipe": recipe.name}
     values["data"] = str(data)
     _resolve_run_autos(values, spec)
+    if "batch_size_per_device" in user and "batch_size" not in user:
+        # The batch per device given alone replaces the recipe's global batch.
+        values["batch_size"] = _times_processes(values, user["batch_size_per_device"])
     try:
         config = FitConfig.model_validate(values)
     except ValidationError as error:
@@ -257,12 +318,20 @@ def _folder_workers(spec: DataSpec, values: dict[str, Any]) -> int:
     from barlowtwins.data.folders import fits_in_memory
 
     assert spec.path is not None
-    size, channels = int(values["image_size"]), 1 if values.get("channels") == 1 else 3
-    return (
-        0
-        if fits_in_memory(spec.path, image_size=size, channels=channels)
-        else (_LAZY_FOLDER_WORKERS)
-    )
+    in_memory = values.get("in_memory")
+    if in_memory is None:
+        size, channels = int(values["image_size"]), 1 if values.get("channels") == 1 else 3
+        in_memory = fits_in_memory(spec.path, image_size=size, channels=channels)
+    return 0 if in_memory else _LAZY_FOLDER_WORKERS
+
+
+def _times_processes(values: dict[str, Any], per_device: Any) -> Any:
+    """``per_device`` times the number of processes, or itself where a value is not a number
+    (the validation then names the option)."""
+    try:
+        return int(per_device) * int(values.get("devices", 1)) * int(values.get("num_nodes", 1))
+    except (TypeError, ValueError):
+        return per_device
 
 
 _BOUNDS = {
@@ -316,8 +385,6 @@ def _check_environment(config: FitConfig) -> None:
         build_backbone(config.backbone)  # raises the error that lists the backbones
     _check_devices(config)
     _check_output(Path(config.output))
-    if config.time_budget is not None and config.world_size > 1:
-        raise ConfigError("time_budget sizes single-process runs; give --epochs with --devices")
 
 
 def _check_devices(config: FitConfig) -> None:
@@ -346,4 +413,4 @@ def _check_output(output: Path) -> None:
         raise ConfigError(f"output {output} is not writable")
 
 
-__all__ = ["HYPERPARAMETERS", "ConfigError", "FitConfig", "load_fit_config"]
+__all__ = ["HYPERPARAMETERS", "ConfigError", "FitConfig", "describe_batch", "load_fit_config"]

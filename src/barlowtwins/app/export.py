@@ -582,11 +582,7 @@ def _training_section(config: dict[str, Any] | None, results: dict[str, Any] | N
         ("data", f"`{config.get('data')}`"),
         ("training images", results.get("train_images")),
         ("epochs", config.get("epochs")),
-        (
-            "batch",
-            f"{config.get('batch_size')} per process x {config.get('devices')} device(s) x "
-            f"{config.get('num_nodes')} node(s)",
-        ),
+        ("batch", _batch_fact(config)),
         ("optimizer", f"{config.get('optimizer')}, base lr {config.get('lr_weights')} (weights)"),
         ("projector", config.get("projector_dims")),
         ("lambda", config.get("lambda_param")),
@@ -608,6 +604,16 @@ def _training_section(config: dict[str, Any] | None, results: dict[str, Any] | N
         "",
     ]
     return lines
+
+
+def _batch_fact(config: dict[str, Any]) -> str:
+    """The batch of a run's config: global since ``batch_size_per_device`` exists, per process
+    in the config of a run from before."""
+    split = f"{config.get('devices')} device(s) x {config.get('num_nodes')} node(s)"
+    per_device = config.get("batch_size_per_device")
+    if per_device is None:
+        return f"{config.get('batch_size')} per process x {split}"
+    return f"{config.get('batch_size')} global = {per_device} per device x {split}"
 
 
 def _results_section(

@@ -21,11 +21,11 @@ import yaml
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, Logger
 
-from barlowtwins.app.budget import TimeBudget, measure_step_seconds, schedule_for_budget
+from barlowtwins.app.budget import TimeBudget
 from barlowtwins.app.config import ConfigError, FitConfig
 from barlowtwins.app.launch import run_training
 from barlowtwins.app.report import describe_hardware, score_encoders, write_plots
-from barlowtwins.data import ImageDataset, InMemoryImages, load_data
+from barlowtwins.data import ImageDataset, load_data
 from barlowtwins.loss import cross_correlation
 from barlowtwins.training.callbacks import (
     AtomicCheckpointIO,
@@ -99,9 +99,15 @@ def fit(config: FitConfig, *, callbacks: Sequence[Callback] = ()) -> dict[str, A
     run_training(run.trainer, run.module, run.datamodule, run.last_checkpoint)
     if not run.trainer.is_global_zero:
         return {}
-    if config.time_budget is not None and run.trainer.max_epochs != run.config.epochs:
-        # TimeBudget re-planned the epochs: config.yaml records those the run trained.
-        run.config = run.config.model_copy(update={"epochs": run.trainer.max_epochs})
+    if config.time_budget is not None:
+        # TimeBudget planned the run and re-planned its epochs: config.yaml records the
+        # schedule the run trained.
+        run.config = run.config.model_copy(
+            update={
+                "epochs": run.trainer.max_epochs,
+                "steps_per_epoch": run.trainer.limit_train_batches,
+            }
+        )
         _write_config(run.output, run.config)
     return finish(
         run, started=started, training_minutes=(time.perf_counter() - training_started) / 60
@@ -114,16 +120,18 @@ def prepare(config: FitConfig, *, callbacks: Sequence[Callback] = ()) -> Prepare
     output = Path(config.output)
     output.mkdir(parents=True, exist_ok=True)
     train, val = load_datasets(config)
-    if len(train) < config.batch_size * config.world_size:
+    if len(train) < config.batch_size:
         raise ConfigError(
-            f"batch size {config.batch_size} x {config.world_size} process(es) is larger than "
-            f"the dataset ({len(train)} images); lower --batch-size"
+            f"the global batch of {config.batch_size} images is larger than the dataset "
+            f"({len(train)} images); lower --batch-size"
         )
     module = build_module(config, in_channels=train.channels)
     previous = _resumed_config(output)
     _check_budget_unchanged(config, previous, output)
-    if config.time_budget is not None:
-        config = _fit_to_budget(config, module, train, previous)
+    plan = _resumed_plan(config, previous)
+    if plan is not None:
+        # A resumed budget run keeps its schedule (TimeBudget then applies its checkpoint's).
+        config = config.model_copy(update={"epochs": plan[0], "steps_per_epoch": plan[1]})
     datamodule = BarlowTwinsDataModule(
         train,
         config.batch_size,
@@ -143,7 +151,7 @@ def prepare(config: FitConfig, *, callbacks: Sequence[Callback] = ()) -> Prepare
             config,
             output,
             monitor=val is not None,
-            callbacks=[*callbacks, *_budget_callbacks(config)],
+            callbacks=[*callbacks, *_budget_callbacks(config, output, plan)],
         ),
     )
     # A kill during an atomic write can leave its temporary file behind.
@@ -152,7 +160,8 @@ def prepare(config: FitConfig, *, callbacks: Sequence[Callback] = ()) -> Prepare
     if run.last_checkpoint.is_file():
         _check_resumable(run.last_checkpoint, module)
         _log.info("resuming from %s", run.last_checkpoint)
-    _write_config(output, config)
+    if run.trainer.is_global_zero:
+        _write_config(output, config)
     return run
 
 
@@ -180,54 +189,28 @@ def _check_budget_unchanged(
         )
 
 
-def _budget_callbacks(config: FitConfig) -> list[Callback]:
-    return [] if config.time_budget is None else [TimeBudget(config.time_budget)]
+def _resumed_plan(config: FitConfig, previous: dict[str, Any] | None) -> tuple[int, int] | None:
+    """The epochs and steps per epoch that a resumed budget run planned when it started."""
+    if config.time_budget is None or previous is None:
+        return None
+    epochs, steps = previous.get("epochs"), previous.get("steps_per_epoch")
+    return None if epochs is None or steps is None else (int(epochs), int(steps))
 
 
-def _fit_to_budget(
-    config: FitConfig,
-    module: BarlowTwinsModule,
-    train: ImageDataset,
-    previous: dict[str, Any] | None,
-) -> FitConfig:
-    """The config with its epochs and steps sized to its time budget, kept on a rerun."""
-    if previous is not None and previous.get("time_budget") is not None and "epochs" in previous:
-        # A resumed run keeps its schedule (TimeBudget then applies its checkpoint's plan).
-        return config.model_copy(
-            update={key: previous.get(key) for key in ("epochs", "steps_per_epoch")}
+def _budget_callbacks(
+    config: FitConfig, output: Path, plan: tuple[int, int] | None
+) -> list[Callback]:
+    """A :class:`TimeBudget` for a budget run; it records its plan in ``config.yaml`` at once,
+    so that a run killed before it ends resumes with that plan."""
+    if config.time_budget is None:
+        return []
+
+    def record(epochs: int, steps: int) -> None:
+        _write_config(
+            output, config.model_copy(update={"epochs": epochs, "steps_per_epoch": steps})
         )
-    images = torch.stack([train[i][0] for i in range(config.batch_size)])
-    step_seconds = measure_step_seconds(
-        module,
-        images,
-        precision=config.precision,
-        cpu_convolutions=config.accelerator in ("cpu", "auto") and not torch.cuda.is_available(),
-    )
-    monitor = (
-        0
-        if config.val_data is None
-        else min(len(train), config.knn_bank_size) + (config.val_max_samples or 10_000)
-    )
-    full_epoch = len(train) // config.batch_size
-    epochs, steps = schedule_for_budget(
-        config.time_budget or 0.0,
-        step_seconds=step_seconds,
-        steps_per_epoch=full_epoch,
-        batch_size=config.batch_size,
-        monitor_images=monitor,
-        views=module.batches_per_step,
-    )
-    _log.info(
-        "time budget %.1f min: %.3f s per step of %d images -> %d epochs of %d steps "
-        "(%.2f epochs of all the data)",
-        config.time_budget,
-        step_seconds,
-        config.batch_size,
-        epochs,
-        steps,
-        epochs * steps / full_epoch,
-    )
-    return config.model_copy(update={"epochs": epochs, "steps_per_epoch": steps})
+
+    return [TimeBudget(config.time_budget, plan=plan, on_plan=record)]
 
 
 def build_module(config: FitConfig, *, in_channels: int) -> BarlowTwinsModule:
@@ -243,7 +226,7 @@ def build_module(config: FitConfig, *, in_channels: int) -> BarlowTwinsModule:
         scale_loss=config.scale_loss,
         mix_weight=config.mix_weight,
         num_views=config.num_views,
-        mix_seed=config.seed,
+        seed=config.seed,
         optimizer=config.optimizer,
         lr_weights=config.lr_weights,
         lr_biases=config.lr_biases,
@@ -280,6 +263,7 @@ def load_datasets(config: FitConfig) -> tuple[ImageDataset, ImageDataset | None]
         image_size=load_size,
         channels=config.channels,
         max_samples=config.max_samples,
+        in_memory=config.in_memory,
         **common,
     )
     if config.val_data is None:
@@ -328,7 +312,8 @@ def build_trainer(
             )
         )
     plugins: list[Any] = [AtomicCheckpointIO()]
-    if config.world_size > 1:
+    ddp = config.world_size > 1 or config.strategy == "ddp"
+    if ddp:
         plugins.append(GlobalBatchNormSync())
     return L.Trainer(
         max_epochs=config.epochs,
@@ -336,7 +321,7 @@ def build_trainer(
         accelerator=config.accelerator,
         devices=config.devices,
         num_nodes=config.num_nodes,
-        strategy="ddp" if config.world_size > 1 else "auto",
+        strategy="ddp" if ddp else "auto",
         precision=config.precision,  # type: ignore[arg-type]
         plugins=plugins,
         callbacks=[
@@ -362,8 +347,15 @@ def finish(run: PreparedRun, *, started: float, training_minutes: float) -> dict
     results: dict[str, Any] = {
         "train_images": len(run.train),
         "skipped_images": run.train.num_skipped,
-        "hardware": describe_hardware(run.trainer),
+        "hardware": {
+            **describe_hardware(run.trainer),
+            "batch_norm": module.batch_norm_class,
+        },
     }
+    # Lightning hands the module back on the CPU: score where it trained.
+    device = run.trainer.strategy.root_device
+    module.model.to(device)
+    results["scored_on"] = str(device)
     scores, test_features = None, None
     if run.val is not None:
         scores, test_features = score_encoders(
@@ -375,6 +367,7 @@ def finish(run: PreparedRun, *, started: float, training_minutes: float) -> dict
             more_k=SUMMARY_K,
             seed=config.seed,
             precision=str(run.trainer.precision),
+            device=device,
         )
         results["knn"] = scores
     if config.plots:
@@ -383,7 +376,7 @@ def finish(run: PreparedRun, *, started: float, training_minutes: float) -> dict
             scores=scores,
             test_features=test_features,
             test=run.val,
-            cross_correlation=_held_out_cross_correlation(module, run.val or run.train),
+            cross_correlation=_held_out_cross_correlation(module, run.val or run.train, device),
         )
     results["minutes"] = round((time.perf_counter() - started) / 60, 2)
     # This invocation's trainer.fit only (a resumed run's earlier invocations not included).
@@ -395,11 +388,10 @@ def finish(run: PreparedRun, *, started: float, training_minutes: float) -> dict
 
 @torch.no_grad()
 def _held_out_cross_correlation(
-    module: BarlowTwinsModule, data: ImageDataset, size: int = 512
+    module: BarlowTwinsModule, data: ImageDataset, device: torch.device, size: int = 512
 ) -> torch.Tensor:
     """The loss's cross-correlation matrix on two views of (up to) ``size`` held-out images."""
     images = torch.stack([data[i][0] for i in range(min(size, len(data)))])
-    device = next(module.parameters()).device
     module.eval()
     view_a, view_b = module.augment(images.to(device), torch.Generator(device).manual_seed(0))
     return cross_correlation(module.model(view_a).float(), module.model(view_b).float()).cpu()
@@ -424,7 +416,9 @@ def _plain(value: Any) -> Any:
 
 
 def _knn_bank(train: ImageDataset, config: FitConfig) -> ImageDataset:
-    if not isinstance(train, InMemoryImages) or len(train) <= config.knn_bank_size:
+    """The monitor's voters: a fixed random subset of ``knn_bank_size`` training images (the
+    same every epoch and on every rank), or all of them when there are fewer."""
+    if len(train) <= config.knn_bank_size:
         return train
     order = torch.randperm(len(train), generator=torch.Generator().manual_seed(config.seed))
     return train.subset(order[: config.knn_bank_size])

@@ -9,14 +9,39 @@ import torch
 
 from barlowtwins.app.runs import LinearHead, fingerprint, load_run, save_head
 from barlowtwins.data import DataError, ImageDataset, load_data
-from barlowtwins.evaluation import extract_features, knn_accuracy, linear_probe
+from barlowtwins.evaluation import bank_device, extract_features, knn_accuracy, linear_probe
 from barlowtwins.training.checkpoint import EncoderInfo
 
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda")
 
-def _device(requested: str | None) -> torch.device:
-    if requested is not None:
-        return torch.device(requested)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+def resolve_device(accelerator: str | None) -> torch.device:
+    """The device an accelerator name asks for.
+
+    Args:
+        accelerator: ``auto`` (or None: CUDA when there is a GPU, else the CPU), ``cpu``,
+            ``gpu`` or ``cuda`` (the first GPU), or ``cuda:N``.
+
+    Raises:
+        ValueError: For another name, or a GPU that this machine does not have.
+    """
+    name = (accelerator or "auto").strip().lower()
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cpu":
+        return torch.device("cpu")
+    kind, _, index = name.partition(":")
+    if kind not in ("gpu", "cuda") or not (index.isdigit() or index == ""):
+        raise ValueError(
+            f"accelerator must be one of {', '.join(ACCELERATORS)} or cuda:N, got {accelerator!r}"
+        )
+    number = int(index or 0)
+    if number >= torch.cuda.device_count():
+        raise ValueError(
+            f"accelerator {accelerator} asks for a GPU, but this machine has "
+            f"{torch.cuda.device_count()} CUDA device(s)"
+        )
+    return torch.device("cuda", number)
 
 
 def _load(spec: str, info: EncoderInfo, **data_options: Any) -> ImageDataset:
@@ -46,7 +71,7 @@ def encode(
     data: str,
     *,
     batch_size: int = 512,
-    device: str | None = None,
+    accelerator: str | None = None,
     **data_options: Any,
 ) -> tuple[torch.Tensor, ImageDataset]:
     """Backbone features (N x F, float32) of every image of ``data``, and the dataset.
@@ -55,7 +80,7 @@ def encode(
     """
     run = load_run(checkpoint)
     backbone, info = run.encoder(), run.info
-    target = _device(device)
+    target = resolve_device(accelerator)
     dataset = _load(data, info, **data_options)
     backbone.to(target).to(memory_format=torch.channels_last)
     return _features(backbone, info, dataset, batch_size, target), dataset
@@ -72,7 +97,7 @@ def evaluate_encoder(
     linear_epochs: int = 100,
     save_linear_head: bool = False,
     batch_size: int = 512,
-    device: str | None = None,
+    accelerator: str | None = None,
     **data_options: Any,
 ) -> dict[str, Any]:
     """kNN (and optionally linear-probe) test accuracy of a frozen pretrained encoder.
@@ -89,7 +114,8 @@ def evaluate_encoder(
             results with their protocol (``evaluation.json``) into the run folder, for
             ``barlowtwins export --with-head``. Needs ``linear``.
         batch_size: Images per forward pass.
-        device: Where the encoder runs (default: CUDA when available).
+        accelerator: Where the encoder runs (:func:`resolve_device`; default: a GPU when
+            there is one).
         **data_options: Passed to :func:`barlowtwins.data.load_data`.
 
     Returns:
@@ -101,7 +127,7 @@ def evaluate_encoder(
     if save_linear_head and run.directory is None:
         raise ValueError(f"--save-head needs a run folder to save into; {checkpoint} is in none")
     backbone, info = run.encoder(), run.info
-    target = _device(device)
+    target = resolve_device(accelerator)
     backbone.to(target).to(memory_format=torch.channels_last)
     train_data = _load(train, info, **data_options)
     test_data = _load(test, info, **{**data_options, "max_samples": None})
@@ -123,13 +149,16 @@ def evaluate_encoder(
             num_classes=num_classes,
             k=knn_k,
             temperature=knn_temperature,
+            device=target,
         ),
     }
     if linear:
+        # The probe trains where its features fit.
+        where = bank_device(train_features, target)
         probe = linear_probe(
-            train_features,
+            train_features.to(where),
             train_data.labels,
-            test_features,
+            test_features.to(where),
             test_data.labels,
             num_classes=num_classes,
             epochs=linear_epochs,

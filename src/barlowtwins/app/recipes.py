@@ -263,7 +263,7 @@ RECIPES: dict[str, Recipe] = {
                 "final_lr_factor": 0.001,
                 "epochs": 1000,
                 "time_budget": None,
-                # Global batch: with --devices N give --batch-size 2048/N per process.
+                # The global batch: N devices take 2048 / N each.
                 "batch_size": 2048,
                 "image_size": 224,
                 "crop_scale": (0.08, 1.0),

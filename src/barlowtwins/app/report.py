@@ -33,11 +33,13 @@ def score_encoders(
     temperature: float = 0.1,
     seed: int = 0,
     precision: str = "32",
+    device: torch.device | None = None,
 ) -> tuple[dict[str, Any], torch.Tensor]:
     """Test kNN accuracy of the trained encoder, the same encoder at random init, and pixels.
 
     All three use the same protocol: the whole ``train`` set votes (weighted kNN, cosine
-    similarity) for each ``test`` image.
+    similarity) for each ``test`` image. The encoders run on ``device`` (default: where the
+    backbone is), one batch at a time, and the votes are counted there while the bank fits.
 
     Returns:
         The accuracies (percent) at ``k`` with the protocol, the accuracies at ``k`` and every
@@ -45,7 +47,8 @@ def score_encoders(
         test features.
     """
     assert train.labels is not None and test.labels is not None
-    device = next(backbone.parameters()).device
+    device = next(backbone.parameters()).device if device is None else device
+    backbone.to(device)
     num_classes = int(max(train.labels.max(), test.labels.max())) + 1
 
     def features(encoder: nn.Module, data: ImageDataset) -> torch.Tensor:
@@ -73,6 +76,7 @@ def score_encoders(
                 num_classes=num_classes,
                 k=n,
                 temperature=temperature,
+                device=device,
             )
 
     test_features = features(backbone, test)

@@ -57,6 +57,43 @@ class ImageDataset(Dataset, ABC):
     def _label(self, index: int) -> int:
         return -1 if self.labels is None else int(self.labels[index])
 
+    def subset(self, indices: Sequence[int] | Tensor) -> ImageDataset:
+        """The samples at ``indices``, in that order, as a dataset of their own (indexed from 0)."""
+        return SubsetImages(self, indices)
+
+
+class SubsetImages(ImageDataset):
+    """Some samples of another dataset, read through it (nothing is copied).
+
+    Args:
+        base: The dataset.
+        indices: Its samples to keep, in this order.
+    """
+
+    def __init__(self, base: ImageDataset, indices: Sequence[int] | Tensor) -> None:
+        self.base = base
+        self.indices = torch.as_tensor(indices, dtype=torch.int64).reshape(-1)
+        self.labels = None if base.labels is None else base.labels[self.indices]
+        self.classes = base.classes
+        self.paths = None if base.paths is None else [base.paths[i] for i in self.indices.tolist()]
+        self.channels = base.channels
+        self.image_size = base.image_size
+
+    @property
+    def num_skipped(self) -> int:  # type: ignore[override]
+        """The base dataset's count of unusable files."""
+        return self.base.num_skipped
+
+    def __len__(self) -> int:
+        """Number of samples."""
+        return len(self.indices)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int, int]:
+        """Returns ``(image uint8 (C, S, S), label or -1 when unlabeled, index in this subset)``."""
+        index = range(len(self))[index]
+        image, label, _ = self.base[int(self.indices[index])]
+        return image, label, index
+
 
 class InMemoryImages(ImageDataset):
     """A dataset decoded once into one contiguous ``(N, C, S, S)`` uint8 tensor.

@@ -33,7 +33,7 @@ _ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "RGBa", "La"})
 _WHITE = (255, 255, 255, 255)
 _SKIPS_LISTED = 5
 # Folders whose decoded pixels fit in this many bytes are decoded once and kept in memory.
-_CACHE_LIMIT_BYTES = 4 * 2**30
+CACHE_LIMIT_BYTES = 4 * 2**30
 
 
 class LazyImageFolder(ImageDataset):
@@ -116,7 +116,7 @@ def load_image_folder(
     image_size: int,
     channels: int = 3,
     max_samples: int | None = None,
-    cache_limit_bytes: int = _CACHE_LIMIT_BYTES,
+    cache_limit_bytes: int = CACHE_LIMIT_BYTES,
     workers: int | None = None,
 ) -> ImageDataset:
     """Loads every image file below ``root`` as ``channels x image_size x image_size`` uint8.
@@ -242,7 +242,7 @@ def summarize_folder(root: str | Path, sample: int = 256) -> DataSummary:
 
 
 def fits_in_memory(
-    root: str | Path, *, image_size: int, channels: int, limit_bytes: int = _CACHE_LIMIT_BYTES
+    root: str | Path, *, image_size: int, channels: int, limit_bytes: int = CACHE_LIMIT_BYTES
 ) -> bool:
     """Whether :func:`load_image_folder` decodes ``root`` once into memory (else per batch)."""
     count = len(_scan(Path(root)).files)

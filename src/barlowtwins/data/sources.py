@@ -8,6 +8,7 @@ folder is decoded at directly.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,7 @@ import torch.nn.functional as F
 
 from barlowtwins.data.datasets import DataError, ImageDataset, InMemoryImages, check_geometry
 from barlowtwins.data.fashion_mnist import load_fashion_mnist
-from barlowtwins.data.folders import load_image_folder
+from barlowtwins.data.folders import CACHE_LIMIT_BYTES, load_image_folder
 from barlowtwins.data.spec import DataSpec
 
 _RESIZE_CHUNK = 1024
@@ -30,6 +31,7 @@ def load_data(
     data_dir: str | Path | None = None,
     download: bool = False,
     max_samples: int | None = None,
+    in_memory: bool | None = None,
 ) -> ImageDataset:
     """Loads the dataset named by ``spec``: Fashion-MNIST or a folder of images.
 
@@ -45,6 +47,8 @@ def load_data(
         download: Allow downloading Fashion-MNIST when no local copy exists.
         max_samples: Keep at most this many samples, the first of a seed-0 permutation (so
             roughly class-balanced), in their original order.
+        in_memory: For a folder: decode it once into memory (True), per access (False), or
+            into memory when its pixels fit in 4 GiB (None). Fashion-MNIST is always in memory.
 
     Returns:
         The dataset.
@@ -66,6 +70,9 @@ def load_data(
             image_size=image_size,
             channels=3 if channels is None else channels,
             max_samples=max_samples,
+            cache_limit_bytes=(
+                CACHE_LIMIT_BYTES if in_memory is None else sys.maxsize if in_memory else 0
+            ),
         )
     dataset = load_fashion_mnist(data.split or "train", root=data_dir, download=download)
     if max_samples is not None and max_samples < len(dataset):

@@ -3,6 +3,7 @@ run (:mod:`.plots`, imported on demand: it needs matplotlib)."""
 
 from barlowtwins.evaluation.probes import (
     LinearProbeResult,
+    bank_device,
     extract_features,
     knn_accuracy,
     knn_predict,
@@ -13,6 +14,7 @@ from barlowtwins.evaluation.probes import (
 
 __all__ = [
     "LinearProbeResult",
+    "bank_device",
     "extract_features",
     "knn_accuracy",
     "knn_predict",

@@ -200,6 +200,28 @@ def extract_features(
     return features
 
 
+# Similarities held at once by the kNN classifier: 256 MiB of float32.
+_SIMILARITY_ELEMENTS = 1 << 26
+# Share of a CUDA device's free memory a kNN bank may take.
+_BANK_SHARE_OF_FREE_MEMORY = 0.25
+
+
+def bank_device(bank: Tensor, device: str | torch.device | None) -> torch.device:
+    """Where a kNN bank is used: ``device`` when given and the bank fits there, else where
+    the bank is.
+
+    A CUDA device fits the bank while it takes at most a quarter of the device's free memory;
+    the CPU always does.
+    """
+    if device is None:
+        return bank.device
+    device = torch.device(device)
+    if device.type != "cuda" or bank.device == device:
+        return device
+    free, _ = torch.cuda.mem_get_info(device)
+    return device if bank.nbytes <= _BANK_SHARE_OF_FREE_MEMORY * free else bank.device
+
+
 def _check_features_labels(features: Tensor, labels: Tensor | None, name: str) -> None:
     if features.ndim != 2 or features.shape[0] == 0 or features.shape[1] == 0:
         raise ValueError(
@@ -237,6 +259,7 @@ def knn_predict(
     k: int = 200,
     temperature: float = 0.1,
     chunk_size: int = 1024,
+    device: str | torch.device | None = None,
 ) -> Tensor:
     """Predict labels with the temperature-weighted kNN classifier of InstDisc.
 
@@ -244,7 +267,8 @@ def knn_predict(
     sample takes its ``k`` most cosine-similar training samples, each neighbour votes for its
     class with weight ``exp(sim / temperature)``, and the class with the largest summed vote
     wins (ties go to the lowest class index). Test samples are processed ``chunk_size`` at a
-    time, so the similarity matrix held in memory is at most ``chunk_size x N_train``.
+    time, fewer where ``chunk_size x N_train`` similarities would pass 256 MiB, so memory
+    stays bounded for any bank.
 
     Args:
         train_features: ``(N_train, D)`` reference features.
@@ -254,10 +278,13 @@ def knn_predict(
         k: Neighbours per test sample. Values above ``N_train`` are clamped to ``N_train``
             (every training sample then votes), rather than rejected.
         temperature: Softness of the vote weights; smaller values favour closer neighbours.
-        chunk_size: Test samples per similarity block.
+        chunk_size: Test samples per similarity block (at most).
+        device: Where to compute (default: where ``train_features`` are). The bank is moved
+            there only while it fits in a quarter of the device's free memory; otherwise the
+            computation stays where the bank is.
 
     Returns:
-        ``(N_test,)`` int64 predicted labels on ``train_features.device``.
+        ``(N_test,)`` int64 predicted labels on the device that computed them.
 
     Raises:
         ValueError: On empty or mis-shaped inputs, mismatched lengths or feature dimensions,
@@ -281,10 +308,11 @@ def knn_predict(
         raise ValueError(f"chunk_size must be >= 1; got {chunk_size}")
     _check_label_range(train_labels, num_classes, "train")
 
-    device = train_features.device
-    train = F.normalize(train_features.float(), dim=1)
+    device = bank_device(train_features, device)
+    train = F.normalize(train_features.to(device).float(), dim=1)
     labels = train_labels.to(device=device, dtype=torch.long)
     k = min(k, train.shape[0])
+    chunk_size = max(1, min(chunk_size, _SIMILARITY_ELEMENTS // train.shape[0]))
     predictions = torch.empty(test_features.shape[0], dtype=torch.long, device=device)
     for start in range(0, test_features.shape[0], chunk_size):
         test = F.normalize(test_features[start : start + chunk_size].to(device).float(), dim=1)
@@ -305,6 +333,7 @@ def knn_accuracy(
     k: int = 200,
     temperature: float = 0.1,
     chunk_size: int = 1024,
+    device: str | torch.device | None = None,
 ) -> float:
     """Top-1 accuracy of :func:`knn_predict` on labelled test features.
 
@@ -316,7 +345,8 @@ def knn_accuracy(
         num_classes: Number of classes.
         k: Neighbours per test sample (clamped to ``N_train``).
         temperature: Softness of the vote weights.
-        chunk_size: Test samples per similarity block.
+        chunk_size: Test samples per similarity block (at most).
+        device: Where to compute, as for :func:`knn_predict`.
 
     Returns:
         Accuracy in percent (0-100).
@@ -334,6 +364,7 @@ def knn_accuracy(
         k=k,
         temperature=temperature,
         chunk_size=chunk_size,
+        device=device,
     )
     correct = (predictions.cpu() == test_labels.cpu().long()).sum().item()
     return 100.0 * correct / test_labels.shape[0]

@@ -12,6 +12,7 @@ from typing import Any
 
 import lightning as L
 import torch
+import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback, TQDMProgressBar
 from lightning.pytorch.plugins import LayerSync, TorchSyncBatchNorm
 from lightning.pytorch.plugins.io import TorchCheckpointIO
@@ -28,7 +29,7 @@ from barlowtwins.health import (
     diagnose,
     effective_rank,
 )
-from barlowtwins.nn.distributed import revert_global_batchnorm, sync_batchnorm
+from barlowtwins.nn.distributed import revert_global_batchnorm, sync_batchnorm, world_size
 from barlowtwins.training.checkpoint import atomic_write, safe_load
 
 _log = logging.getLogger("barlowtwins")
@@ -41,11 +42,13 @@ class GlobalBatchNormSync(LayerSync):
     runs on CUDA. This plugin uses it on CUDA and :class:`GlobalBatchNorm` elsewhere (gloo on
     CPU), so a W-process run normalises exactly like one process on the global batch.
     Pass it as ``Trainer(plugins=[GlobalBatchNormSync()])`` with a DDP strategy.
+
+    The choice follows the device the strategy trains on (its root device): Lightning applies
+    the plugin while the parameters are still on the CPU, before it moves them to the GPU.
     """
 
     def apply(self, model: nn.Module) -> nn.Module:
-        device = next(model.parameters()).device
-        return sync_batchnorm(model, device)
+        return sync_batchnorm(model, training_device(model))
 
     def revert(self, model: nn.Module) -> nn.Module:
         return TorchSyncBatchNorm().revert(revert_global_batchnorm(model))
@@ -88,26 +91,47 @@ class PreemptionCheckpoint(Callback):
             trainer.save_checkpoint(self.path, weights_only=False)
 
 
-class RngStateCheckpoint(Callback):
-    """Keep torch's and Python's random state in checkpoints, so the epochs after a resume
-    draw the same shuffles and augmentations as an uninterrupted run.
+def training_device(model: nn.Module) -> torch.device:
+    """The device ``model`` trains on: its trainer's root device when it is a LightningModule
+    attached to one, else the device of its parameters."""
+    trainer = getattr(model, "_trainer", None)
+    if trainer is not None:
+        return trainer.strategy.root_device
+    return next(model.parameters()).device
 
-    Only plain tensors and tuples are stored (loadable with ``weights_only=True``); numpy's
-    state is left out because the augmentation draws from torch. Under DDP rank 0's state is
-    saved.
+
+class RngStateCheckpoint(Callback):
+    """Keep every rank's torch and Python random state in checkpoints, so the epochs after a
+    resume draw the same shuffles as an uninterrupted run.
+
+    The views draw from their own per-rank, per-step streams
+    (:func:`barlowtwins.training.module.view_seed`), which need no saved state; this covers
+    what still draws from the global generators (the single-process shuffle, the DataLoader
+    workers' base seeds). Under DDP the states of all ranks are gathered into the checkpoint
+    and each rank restores its own; a checkpoint from a run with fewer ranks gives the others
+    rank 0's. Only plain tensors and tuples are stored (loadable with ``weights_only=True``);
+    numpy's state is left out because nothing here draws from it.
     """
 
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
         if torch.cuda.is_available():
             state["cuda"] = torch.cuda.get_rng_state_all()
-        return state
+        if world_size() == 1:
+            return state
+        # Every rank builds the checkpoint (Lightning's save is collective); rank 0 writes it.
+        states: list[Any] = [None] * world_size()
+        dist.all_gather_object(states, state)
+        return {**states[0], "ranks": states}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        torch.set_rng_state(state_dict["torch"])
-        random.setstate(state_dict["python"])
-        if "cuda" in state_dict and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state_dict["cuda"])
+        ranks = state_dict.get("ranks") or [state_dict]
+        rank = dist.get_rank() if world_size() > 1 else 0
+        state = ranks[rank] if rank < len(ranks) else ranks[0]
+        torch.set_rng_state(state["torch"])
+        random.setstate(state["python"])
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])
 
 
 class ProgressBar(TQDMProgressBar):
@@ -124,19 +148,25 @@ class ProgressBar(TQDMProgressBar):
 
 
 TRAIN_MINUTES = "train_minutes"
+KNN_MONITOR_SHARE = "knn_monitor_share"
 
 
 class TrainingClock(Callback):
-    """Wall-clock minutes since training started, logged after every epoch as ``train_minutes``.
+    """Wall-clock minutes since training started, logged after every epoch as ``train_minutes``,
+    and the share of each epoch that the kNN monitor took, as ``knn_monitor_share``.
 
     The minutes include the epoch's kNN monitor and checkpoints: they are what a user waits,
     which time-to-accuracy plots need. A resumed run continues from the minutes its checkpoint
-    holds (the time between the crash and the resume is not counted).
+    holds (the time between the crash and the resume is not counted). The monitor's share is
+    the seconds of the epoch's validation loop over the seconds of the whole epoch.
     """
 
     def __init__(self) -> None:
         self.minutes_before_start = 0.0
         self._started: float | None = None
+        self._epoch_started = 0.0
+        self._monitor_started = 0.0
+        self._monitor_seconds = 0.0
 
     def minutes(self) -> float:
         """Minutes of training so far, this process's and those before its checkpoint."""
@@ -152,8 +182,20 @@ class TrainingClock(Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._started = time.perf_counter()
 
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._epoch_started, self._monitor_seconds = time.perf_counter(), 0.0
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._monitor_started = time.perf_counter()
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._monitor_seconds += time.perf_counter() - self._monitor_started
+
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         pl_module.log(TRAIN_MINUTES, self.minutes(), rank_zero_only=True)
+        if self._monitor_seconds > 0:
+            epoch = time.perf_counter() - self._epoch_started
+            pl_module.log(KNN_MONITOR_SHARE, self._monitor_seconds / epoch, rank_zero_only=True)
 
 
 class TrainingHealth(Callback):

@@ -9,6 +9,7 @@ from typing import Any
 import lightning as L
 import torch
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 from torchvision.models import ResNet
 
 from barlowtwins.evaluation import knn_accuracy, prepare_images
@@ -18,6 +19,7 @@ from barlowtwins.mixed_loss import MixedBarlowTwinsLoss, MixUp
 from barlowtwins.model import BarlowTwins
 from barlowtwins.nn.convolution import use_small_output_convolutions
 from barlowtwins.optim import build_optimizer, build_warmup_cosine_scheduler
+from barlowtwins.seeding import derived_seed
 from barlowtwins.training.callbacks import TrainingClock, TrainingHealth
 from barlowtwins.views.batched import BatchedBarlowTwinsAugment
 from barlowtwins.views.transforms import (
@@ -28,6 +30,19 @@ from barlowtwins.views.transforms import (
 
 # Validation dataloaders of the online kNN monitor, in this order.
 KNN_BANK, KNN_QUERY = 0, 1
+# What the kNN monitor logs besides its accuracy: how many images voted and were classified.
+KNN_BANK_IMAGES, KNN_QUERY_IMAGES = "knn_bank_images", "knn_query_images"
+
+
+def view_seed(seed: int, rank: int, step: int) -> int:
+    """Seed of the augmentation of training step ``step`` on global rank ``rank``.
+
+    Every (seed, rank, step) has its own stream (:func:`~barlowtwins.seeding.derived_seed`):
+    two ranks draw independent crops, flips and jitters, as one process does for every sample
+    of the global batch; a rerun with the same seed draws the same views; and a resumed run
+    continues each rank's stream from the step its checkpoint restores.
+    """
+    return derived_seed(seed, "views", rank, step)
 
 
 class BarlowTwinsModule(L.LightningModule):
@@ -35,12 +50,17 @@ class BarlowTwinsModule(L.LightningModule):
 
     Batches are uint8 images ``(B, C, H, W)`` with labels and indices; both augmented views
     are made on the training device (:class:`BatchedBarlowTwinsAugment`), so data loading
-    stays cheap. With ``gather_distributed`` the loss uses the global batch of all processes,
-    exactly (see :class:`BarlowTwinsLoss`); pair it with
+    stays cheap. Each process draws its views from its own stream, seeded by ``seed``, its
+    global rank and the step (:func:`view_seed`). With ``gather_distributed`` the loss uses
+    the global batch of all processes, exactly (see :class:`BarlowTwinsLoss`); pair it with
     :class:`barlowtwins.training.callbacks.GlobalBatchNormSync` for the batch norms.
 
     With two validation dataloaders (a labelled sample of the training data, then the test
-    data) it logs the weighted-kNN accuracy ``val_knn_acc`` of the backbone features.
+    data) it logs the weighted-kNN accuracy ``val_knn_acc`` of the backbone features, with
+    the number of bank and query images (``knn_bank_images``, ``knn_query_images``). Under
+    DDP the features of all ranks are gathered and the samples that the distributed sampler
+    repeated to even out the shards are dropped, so the monitor scores exactly the images one
+    process would.
 
     The defaults are the paper's (the ``paper`` recipe of :mod:`barlowtwins.app.recipes`,
     which a test keeps equal); ``barlowtwins fit`` passes a recipe's values instead.
@@ -64,7 +84,8 @@ class BarlowTwinsModule(L.LightningModule):
         mix_weight: Weight of Mixed Barlow Twins' regulariser (Bandara et al. 2023,
             arXiv 2312.02151; :class:`~barlowtwins.mixed_loss.MixedBarlowTwinsLoss`); 0 trains
             plain Barlow Twins. Each step then also embeds a mixup of the two views.
-        mix_seed: Seed of the mixup coefficients and permutations (drawn per step).
+        seed: Seed of the views (one stream per rank and step, :func:`view_seed`) and of
+            Mixed Barlow Twins' mixup (one stream per step, shared by the ranks).
         num_views: Augmented views per image (paper: 2); the loss is the mean over every
             pair (:func:`~barlowtwins.loss.multi_view_loss`). Views alternate between the
             paper's first and second view. Each view costs one forward and backward pass.
@@ -77,7 +98,10 @@ class BarlowTwinsModule(L.LightningModule):
         lars_clip_lr: Clip LARS's trust ratio at ``1 / lr``.
         warmup_epochs: Linear warm-up before the cosine decay.
         final_lr_factor: The cosine decay ends at this fraction of the learning rate.
-        batch_size: Batch per device; the global batch is this times devices times nodes.
+        batch_size: The global batch over all processes (the paper's 2048), which sets the
+            learning rate (``base x batch_size / 256``); each of W processes must be fed
+            ``batch_size / W`` images a step, as
+            :class:`~barlowtwins.training.datamodule.BarlowTwinsDataModule` does.
         crop_scale: Random-resized-crop area range of both views (paper: 0.08-1).
         translate: Largest shift of both views as a fraction of their side (paper: 0).
         erase_prob: Probability of random erasing in both views (paper: 0).
@@ -103,7 +127,7 @@ class BarlowTwinsModule(L.LightningModule):
         lambda_param: float = 0.0051,
         scale_loss: float = 1.0,
         mix_weight: float = 0.0,
-        mix_seed: int = 0,
+        seed: int = 0,
         num_views: int = 2,
         optimizer: str = "lars",
         lr_weights: float = 0.2,
@@ -155,7 +179,7 @@ class BarlowTwinsModule(L.LightningModule):
         self.criterion = BarlowTwinsLoss(
             lambda_param, gather_distributed=gather_distributed, scale_loss=scale_loss
         )
-        self.mixup = MixUp(mix_seed, gather_distributed) if mix_weight > 0 else None
+        self.mixup = MixUp(seed, gather_distributed) if mix_weight > 0 else None
         self.mixed_criterion = MixedBarlowTwinsLoss(
             lambda_param,
             mix_weight=mix_weight,
@@ -163,8 +187,15 @@ class BarlowTwinsModule(L.LightningModule):
             scale_loss=scale_loss,
         )
         self._memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        self._knn_features: dict[int, list[Tensor]] = {KNN_BANK: [], KNN_QUERY: []}
-        self._knn_labels: dict[int, list[Tensor]] = {KNN_BANK: [], KNN_QUERY: []}
+        self._knn_batches: dict[int, list[tuple[Tensor, Tensor, Tensor]]] = {
+            KNN_BANK: [],
+            KNN_QUERY: [],
+        }
+        # One generator per device, re-seeded every step (view_seed): no state to checkpoint.
+        self._view_generators: dict[torch.device, torch.Generator] = {}
+        #: The class of the batch norms that trained (SyncBatchNorm, GlobalBatchNorm, or the
+        #: backbone's own without synchronisation), known once training has started.
+        self.batch_norm_class: str | None = None
 
     @property
     def backbone(self) -> nn.Module:
@@ -172,19 +203,45 @@ class BarlowTwinsModule(L.LightningModule):
         return self.model.backbone
 
     def setup(self, stage: str) -> None:
+        self.prepare_for(self.trainer.strategy.root_device)
+
+    def prepare_for(self, device: torch.device) -> None:
+        """Put the model in the memory format and convolutions that train fastest on ``device``.
+
+        Channels-last everywhere; on a CPU, a torchvision backbone also gets the faster weight
+        gradient of :class:`~barlowtwins.nn.convolution.SmallOutputConv2d` (with
+        ``cpu_convolutions``). Lightning calls it with the strategy's root device.
+        """
         self.model.to(memory_format=self._memory_format)
-        on_cpu = self._trainer is not None and self.trainer.strategy.root_device.type == "cpu"
-        if on_cpu and self.hparams.cpu_convolutions and isinstance(self.backbone, ResNet):
+        if (
+            torch.device(device).type == "cpu"
+            and self.hparams.cpu_convolutions
+            and isinstance(self.backbone, ResNet)
+        ):
             use_small_output_convolutions(self.backbone)
 
+    def on_train_start(self) -> None:
+        self.batch_norm_class = next(
+            (type(m).__name__ for m in self.model.modules() if isinstance(m, _BatchNorm)), None
+        )
+
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        images, labels, _ = batch
+        images, labels, indices = batch
         if self._trainer is not None and self.trainer.training:
             # Augmenting here runs on the device, outside autocast: the views are float32.
-            views = self.make_views(images)
+            views = self.make_views(images, self._view_generator(images.device))
         else:
             views = [prepare_images(images, self.mean, self.std, self.hparams.image_size)]
-        return [v.contiguous(memory_format=self._memory_format) for v in views], labels
+        return [v.contiguous(memory_format=self._memory_format) for v in views], labels, indices
+
+    def _view_generator(self, device: torch.device) -> torch.Generator:
+        """This rank's generator for the current step's views, seeded by :func:`view_seed`."""
+        generator = self._view_generators.get(device)
+        if generator is None:
+            generator = self._view_generators[device] = torch.Generator(device)
+        return generator.manual_seed(
+            view_seed(self.hparams.seed, self.global_rank, self.global_step)
+        )
 
     def make_views(self, images: Tensor, generator: torch.Generator | None = None) -> list[Tensor]:
         """The ``num_views`` augmented views of a batch: view A, view B, view A, ..."""
@@ -216,7 +273,7 @@ class BarlowTwinsModule(L.LightningModule):
         return terms.barlow_twins + terms.mixed, z_a, terms.mixed
 
     def training_step(self, batch: Any, batch_idx: int) -> dict[str, Any]:
-        views, _ = batch
+        views, _, _ = batch
         loss, z_a, mixed_term = self.step_loss(views, self.global_step)
         if mixed_term is not None:
             self.log("train_mixed_term", mixed_term, on_step=True, on_epoch=True)
@@ -248,17 +305,15 @@ class BarlowTwinsModule(L.LightningModule):
             self.train(was_training)
 
     def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
-        (images,), labels = batch
-        self._knn_features[dataloader_idx].append(self.model.features(images).float())
-        self._knn_labels[dataloader_idx].append(labels)
+        (images,), labels, indices = batch
+        features = self.model.features(images).float()
+        self._knn_batches[dataloader_idx].append((features, labels, indices))
 
     def on_validation_epoch_end(self) -> None:
-        if not self._knn_features[KNN_QUERY]:
+        if not self._knn_batches[KNN_QUERY]:
             return
-        bank, bank_labels, query, query_labels = (
-            self._gathered(store[idx])
-            for idx in (KNN_BANK, KNN_QUERY)
-            for store in (self._knn_features, self._knn_labels)
+        (bank, bank_labels), (query, query_labels) = (
+            self._gathered(self._knn_batches[idx]) for idx in (KNN_BANK, KNN_QUERY)
         )
         accuracy = knn_accuracy(
             bank,
@@ -270,22 +325,40 @@ class BarlowTwinsModule(L.LightningModule):
             temperature=self.hparams.knn_temperature,
         )
         self.log("val_knn_acc", accuracy, prog_bar=True, rank_zero_only=True)
-        for store in (self._knn_features, self._knn_labels):
-            for chunks in store.values():
-                chunks.clear()
+        self.log(KNN_BANK_IMAGES, float(len(bank)), rank_zero_only=True)
+        self.log(KNN_QUERY_IMAGES, float(len(query)), rank_zero_only=True)
+        for batches in self._knn_batches.values():
+            batches.clear()
 
-    def _gathered(self, chunks: list[Tensor]) -> Tensor:
-        local = torch.cat(chunks)
-        if self.trainer.world_size == 1:
-            return local
-        gathered = self.all_gather(local)
-        assert isinstance(gathered, Tensor)  # a tensor in, a tensor out
-        return gathered.flatten(0, 1)
+    def _gathered(self, batches: list[tuple[Tensor, Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
+        """Features and labels of every rank, each sample once, in the dataset's order."""
+        features, labels, indices = (torch.cat(parts) for parts in zip(*batches, strict=True))
+        if self.trainer.world_size > 1:
+            features, labels, indices = (
+                self.all_gather(local).flatten(0, 1)  # type: ignore[union-attr]
+                for local in (features, labels, indices)
+            )
+        # The distributed sampler pads the shards to equal length with repeated samples.
+        order = torch.argsort(indices, stable=True)
+        ordered = indices[order]
+        first = torch.ones_like(ordered, dtype=torch.bool)
+        first[1:] = ordered[1:] != ordered[:-1]
+        keep = order[first]
+        return features[keep], labels[keep]
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if self.global_step == 0 and batch_idx == 0:
+            global_batch = len(batch[0][0]) * self.trainer.world_size
+            if global_batch != self.hparams.batch_size:
+                raise ValueError(
+                    f"the module's batch_size {self.hparams.batch_size} is the global batch, "
+                    f"but {self.trainer.world_size} process(es) got {len(batch[0][0])} images "
+                    "each: feed batch_size / world size per process (BarlowTwinsDataModule "
+                    "does)"
+                )
 
     def configure_optimizers(self) -> Any:
-        global_batch = (
-            self.hparams.batch_size * self.trainer.world_size * self.trainer.accumulate_grad_batches
-        )
+        global_batch = self.hparams.batch_size * self.trainer.accumulate_grad_batches
         optimizer = build_optimizer(
             self.model,
             name=self.hparams.optimizer,
