@@ -146,7 +146,7 @@ def lightly_two_view_transform(image_size: int) -> Callable[[Image.Image], list[
 
     Both libraries follow the paper's appendix A (BYOL's augmentations); the one default that
     differs is the blur at 32 px, which barlowtwins drops for tiny images. Copying every
-    parameter from :func:`barlowtwins.views.transforms.barlow_twins_views` makes both sides do the
+    parameter from :func:`barlowtwins.views.view_config.barlow_twins_views` makes both sides do the
     same work.
     """
     from lightly.transforms import BYOLTransform, BYOLView1Transform, BYOLView2Transform

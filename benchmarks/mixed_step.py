@@ -30,7 +30,7 @@ import torch
 
 from barlowtwins import BarlowTwins, BarlowTwinsLoss, BatchedBarlowTwinsAugment, build_optimizer
 from barlowtwins.mixed_loss import MixedBarlowTwinsLoss, MixUp
-from barlowtwins.views.transforms import barlow_twins_views
+from barlowtwins.views.view_config import barlow_twins_views
 
 
 def _parse_args() -> argparse.Namespace:

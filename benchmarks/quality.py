@@ -49,7 +49,7 @@ from barlowtwins.backbones import resnet10
 from barlowtwins.data import InMemoryImages, load_data
 from barlowtwins.evaluation import extract_features, knn_accuracy
 from barlowtwins.training.callbacks import TRAIN_MINUTES
-from barlowtwins.views.transforms import IMAGENET_MEAN, IMAGENET_STD
+from barlowtwins.views.view_config import IMAGENET_MEAN, IMAGENET_STD
 
 # The target: at least 2 points of test kNN accuracy above lightly.
 _TARGET_POINTS = 2.0

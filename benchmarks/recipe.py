@@ -32,7 +32,7 @@ from barlowtwins import (
 )
 from barlowtwins.data import load_fashion_mnist
 from barlowtwins.evaluation import extract_features, knn_accuracy, raw_pixel_features
-from barlowtwins.views.transforms import barlow_twins_views, resolve_normalization
+from barlowtwins.views.view_config import barlow_twins_views, resolve_normalization
 
 _KS = (5, 20, 200)
 

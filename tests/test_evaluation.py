@@ -17,7 +17,6 @@ from barlowtwins.evaluation import (
     knn_accuracy,
     knn_predict,
     linear_probe,
-    prepare_images,
     raw_pixel_features,
 )
 from conftest import ImageFolderFactory
@@ -213,20 +212,6 @@ def test_extract_features_normalises_exactly() -> None:
     expected = ((images.float() / 255 - mean) / std).flatten(1)
     assert features.dtype == torch.float32
     torch.testing.assert_close(features, expected)
-
-
-def test_prepare_images_resizes_only_when_needed() -> None:
-    images = _images(2, size=12)
-    same = prepare_images(images, _MEAN, _STD, image_size=12)
-    torch.testing.assert_close(same, prepare_images(images, _MEAN, _STD))
-    # A constant image stays constant through the antialiased resize.
-    flat = torch.full((1, 3, 12, 12), 51, dtype=torch.uint8)
-    resized = prepare_images(flat, _MEAN, _STD, image_size=5)
-    assert resized.shape == (1, 3, 5, 5)
-    expected = (0.2 - torch.tensor(_MEAN)) / torch.tensor(_STD)
-    torch.testing.assert_close(resized[0, :, 2, 2], expected)
-    with pytest.raises(ValueError, match="std must be positive"):
-        prepare_images(images, _MEAN, (0.2, 0.0, 0.3))
 
 
 def test_extract_features_eval_mode_batching_and_dataset() -> None:

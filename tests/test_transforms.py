@@ -11,10 +11,10 @@ import torch
 from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
-from barlowtwins.views.transforms import (
+from barlowtwins.views.pil import BarlowTwinsTransform
+from barlowtwins.views.view_config import (
     IMAGENET_MEAN,
     IMAGENET_STD,
-    BarlowTwinsTransform,
     ViewConfig,
     barlow_twins_views,
     blur_kernel_size,

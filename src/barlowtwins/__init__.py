@@ -14,7 +14,8 @@ from barlowtwins.mixed_loss import MixedBarlowTwinsLoss, MixUp
 from barlowtwins.model import BarlowTwins
 from barlowtwins.optim import LARS, build_optimizer, build_warmup_cosine_scheduler
 from barlowtwins.views.batched import BatchedBarlowTwinsAugment
-from barlowtwins.views.transforms import BarlowTwinsTransform, ViewConfig, barlow_twins_views
+from barlowtwins.views.pil import BarlowTwinsTransform
+from barlowtwins.views.view_config import ViewConfig, barlow_twins_views
 
 __all__ = [
     "LARS",

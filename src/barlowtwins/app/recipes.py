@@ -17,7 +17,7 @@ from types import MappingProxyType
 from typing import Any
 
 from barlowtwins.data.spec import DataSummary
-from barlowtwins.views.transforms import PAPER_SOLARIZE_PROB
+from barlowtwins.views.view_config import PAPER_SOLARIZE_PROB
 
 AUTO = "auto"
 

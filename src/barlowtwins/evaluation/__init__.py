@@ -8,7 +8,6 @@ from barlowtwins.evaluation.probes import (
     knn_accuracy,
     knn_predict,
     linear_probe,
-    prepare_images,
     raw_pixel_features,
 )
 
@@ -19,6 +18,5 @@ __all__ = [
     "knn_accuracy",
     "knn_predict",
     "linear_probe",
-    "prepare_images",
     "raw_pixel_features",
 ]

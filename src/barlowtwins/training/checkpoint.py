@@ -44,7 +44,7 @@ class EncoderInfo:
     @classmethod
     def from_hparams(cls, hparams: dict[str, Any]) -> EncoderInfo:
         """From the hyper-parameters of a :class:`BarlowTwinsModule` checkpoint."""
-        from barlowtwins.views.transforms import resolve_normalization
+        from barlowtwins.views.view_config import resolve_normalization
 
         mean, std = resolve_normalization(
             hparams["in_channels"], hparams.get("mean"), hparams.get("std")

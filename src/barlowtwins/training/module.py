@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torchvision.models import ResNet
 
-from barlowtwins.evaluation import knn_accuracy, prepare_images
+from barlowtwins.evaluation import knn_accuracy
 from barlowtwins.health import loss_terms, step_metrics
 from barlowtwins.loss import BarlowTwinsLoss, NonFiniteLossError, multi_view_loss
 from barlowtwins.mixed_loss import MixedBarlowTwinsLoss, MixUp
@@ -22,7 +22,8 @@ from barlowtwins.optim import build_optimizer, build_warmup_cosine_scheduler
 from barlowtwins.seeding import derived_seed
 from barlowtwins.training.callbacks import TrainingClock, TrainingHealth
 from barlowtwins.views.batched import BatchedBarlowTwinsAugment
-from barlowtwins.views.transforms import (
+from barlowtwins.views.eval_view import prepare_images
+from barlowtwins.views.view_config import (
     PAPER_SOLARIZE_PROB,
     barlow_twins_views,
     resolve_normalization,

@@ -1,4 +1,4 @@
-"""Barlow Twins view configuration and the per-sample (PIL) two-view transform.
+"""The configuration of Barlow Twins' two views and their normalisation.
 
 The augmentations follow the paper's appendix (Zbontar et al. 2021, arXiv 2103.03230,
 Section A "Image augmentations"), which reuses BYOL's (Grill et al. 2020) pipeline: random
@@ -6,9 +6,9 @@ resized crop, horizontal flip, colour jitter, grayscale, Gaussian blur and solar
 blur and solarisation probabilities that differ between the two views.
 
 :class:`ViewConfig` describes one view; :func:`barlow_twins_views` builds the paper's
-asymmetric pair with presets for tiny and grayscale images. :class:`BarlowTwinsTransform`
-applies the pair to one PIL image at a time (Dataset use); the batched equivalent for the
-training hot path lives in :mod:`barlowtwins.views.batched`.
+asymmetric pair with presets for tiny and grayscale images. Two pipelines apply them: the
+per-sample PIL transform of :mod:`barlowtwins.views.pil` (Dataset use) and the batched
+on-device augmentation of :mod:`barlowtwins.views.batched` (the training hot path).
 """
 
 from __future__ import annotations
@@ -17,11 +17,6 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
-
-import torch
-from PIL import Image
-from torch import Tensor
-from torchvision.transforms import v2
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
@@ -230,119 +225,3 @@ def _check_image_size(image_size: int) -> None:
 def _check_channels(channels: int) -> None:
     if channels not in (1, 3):
         raise ValueError(f"channels must be 1 (grayscale) or 3 (RGB), got {channels}")
-
-
-class BarlowTwinsTransform:
-    """Two augmented views of one PIL image, for use as a ``Dataset`` transform.
-
-    Each view is a torchvision ``transforms.v2`` pipeline applied to the PIL image, as in the
-    paper's released code: random resized crop (bicubic, antialiased), translation (padded
-    random crop, when ``translate`` > 0), horizontal flip, colour jitter, grayscale, Gaussian
-    blur (kernel ~10% of the size, as BYOL's 23 px at 224 px), solarisation (threshold 128 on
-    the 8-bit image), then conversion to float and normalisation, then random erasing (when
-    ``erase_prob`` > 0). Randomness comes from torch's global generator, so DataLoader
-    workers draw independent views.
-
-    Args:
-        image_size: Side of the square output views in pixels.
-        channels: 1 (views are grayscale) or 3 (RGB). Inputs of any PIL mode are converted.
-        view_a: Configuration of the first view; defaults to :func:`barlow_twins_views`.
-        view_b: Configuration of the second view; defaults to :func:`barlow_twins_views`.
-        mean: Per-channel normalisation mean; defaults to :func:`default_normalization`.
-        std: Per-channel normalisation std; defaults to :func:`default_normalization`.
-
-    Examples:
-        >>> transform = BarlowTwinsTransform(image_size=32)
-        >>> view_a, view_b = transform(Image.new("RGB", (40, 40)))
-        >>> view_a.shape
-        torch.Size([3, 32, 32])
-    """
-
-    def __init__(
-        self,
-        image_size: int = 224,
-        channels: int = 3,
-        view_a: ViewConfig | None = None,
-        view_b: ViewConfig | None = None,
-        mean: Sequence[float] | None = None,
-        std: Sequence[float] | None = None,
-    ) -> None:
-        default_a, default_b = barlow_twins_views(image_size, channels)
-        self.image_size = int(image_size)
-        self.channels = channels
-        self.view_a = default_a if view_a is None else view_a
-        self.view_b = default_b if view_b is None else view_b
-        self.mean, self.std = resolve_normalization(channels, mean, std)
-        self._mode = "L" if channels == 1 else "RGB"
-        self._pipeline_a = self._build(self.view_a)
-        self._pipeline_b = self._build(self.view_b)
-
-    def __call__(self, img: Image.Image) -> tuple[Tensor, Tensor]:
-        """Return two normalised float32 views of shape (channels, image_size, image_size).
-
-        Raises:
-            ValueError: If ``img`` is not a PIL image.
-        """
-        if not isinstance(img, Image.Image):
-            raise ValueError(f"expected a PIL.Image.Image, got {type(img).__name__}")
-        img = _convert_mode(img, self._mode)
-        return self._pipeline_a(img), self._pipeline_b(img)
-
-    def __repr__(self) -> str:
-        return (
-            f"{type(self).__name__}(image_size={self.image_size}, channels={self.channels}, "
-            f"view_a={self.view_a}, view_b={self.view_b}, mean={self.mean}, std={self.std})"
-        )
-
-    def _build(self, config: ViewConfig) -> v2.Compose:
-        """Build one view's pipeline, leaving out operations that can never change the image."""
-        ops: list[v2.Transform] = [
-            v2.RandomResizedCrop(
-                self.image_size,
-                scale=config.crop_scale,
-                ratio=config.crop_ratio,
-                interpolation=v2.InterpolationMode.BICUBIC,
-                antialias=True,
-            )
-        ]
-        shift = max_shift(config.translate, self.image_size)
-        if shift > 0:
-            ops.append(v2.RandomCrop(self.image_size, padding=shift, fill=0))
-        if config.hflip_prob > 0:
-            ops.append(v2.RandomHorizontalFlip(p=config.hflip_prob))
-        colour = self.channels == 3
-        strengths = {
-            "brightness": config.brightness,
-            "contrast": config.contrast,
-            "saturation": config.saturation if colour else 0.0,
-            "hue": config.hue if colour else 0.0,
-        }
-        if config.color_jitter_prob > 0 and any(strengths.values()):
-            jitter = v2.ColorJitter(**{k: v for k, v in strengths.items() if v > 0})
-            ops.append(v2.RandomApply([jitter], p=config.color_jitter_prob))
-        if colour and config.grayscale_prob > 0:
-            ops.append(v2.RandomGrayscale(p=config.grayscale_prob))
-        if config.blur_prob > 0:
-            blur = v2.GaussianBlur(blur_kernel_size(self.image_size), sigma=config.blur_sigma)
-            ops.append(v2.RandomApply([blur], p=config.blur_prob))
-        if config.solarize_prob > 0:
-            # The image is still 8-bit here, so 128 is the 0.5 of the batched augmentation.
-            ops.append(v2.RandomSolarize(threshold=128, p=config.solarize_prob))
-        ops += [
-            v2.ToImage(),
-            v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize(mean=list(self.mean), std=list(self.std)),
-        ]
-        if config.erase_prob > 0:
-            ops.append(v2.RandomErasing(p=config.erase_prob, value=0))
-        return v2.Compose(ops)
-
-
-def _convert_mode(img: Image.Image, mode: str) -> Image.Image:
-    """Convert ``img`` to ``mode`` ("L" or "RGB"), dropping any alpha channel."""
-    if img.mode == mode:
-        return img
-    if img.mode == "P" and "transparency" in img.info:
-        # PIL asks for palette images with transparency to go through RGBA.
-        img = img.convert("RGBA")
-    return img.convert(mode)
