@@ -120,7 +120,8 @@ class RecipesDirective(SphinxDirective):
     """
 
     def run(self) -> list[nodes.Node]:
-        from barlowtwins.app.recipes import HYPERPARAMETERS, RECIPES
+        from barlowtwins.app.recipes import RECIPES
+        from barlowtwins.hparams import Hyperparameters
 
         def cell(value: object) -> str:
             shown = " ".join(map(str, value)) if isinstance(value, tuple) else str(value)
@@ -134,9 +135,11 @@ class RecipesDirective(SphinxDirective):
                 lines += [f"     - {text}"]
         lines += ["", ".. list-table::", "   :header-rows: 1", ""]
         lines += ["   * - hyperparameter"] + [f"     - ``{name}``" for name in RECIPES]
-        for name in HYPERPARAMETERS:
+        for name in Hyperparameters.names():
             lines += [f"   * - ``{name}``"]
-            lines += [f"     - {cell(recipe.values[name])}" for recipe in RECIPES.values()]
+            lines += [
+                f"     - {cell(getattr(recipe.hparams, name))}" for recipe in RECIPES.values()
+            ]
         container = nodes.container()
         self.state.nested_parse(StringList(lines, source="barlowtwins-recipes"), 0, container)
         return container.children

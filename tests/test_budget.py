@@ -98,7 +98,7 @@ def test_shortened_epochs_train_their_steps_and_end_the_cosine(tmp_path: Path) -
     schedule = checkpoint["lr_schedulers"][0]
     assert schedule["last_epoch"] == 6
     for last, base in zip(schedule["_last_lr"], schedule["base_lrs"], strict=True):
-        assert last == pytest.approx(base * config.final_lr_factor)
+        assert last == pytest.approx(base * config.hparams.final_lr_factor)
 
 
 class _StopAtStart(Callback):
@@ -139,7 +139,7 @@ def test_a_budget_trains_records_its_schedule_and_a_rerun_keeps_it(tmp_path: Pat
     assert (saved["epochs"], saved["steps_per_epoch"]) == (1, 1)
     # A rerun resumes the schedule it started with instead of timing the step again.
     rerun = prepare(load_fit_config(None, {**saved, "time_budget": 0.0001}))
-    assert (rerun.config.epochs, rerun.config.steps_per_epoch) == (1, 1)
+    assert (rerun.config.hparams.epochs, rerun.config.steps_per_epoch) == (1, 1)
     # Under another budget, or none, the schedule would not match the run's: refused.
     for budget in (0.5, None):
         with pytest.raises(ConfigError, match=r"trains to a time budget of 0\.0001 min"):
@@ -190,7 +190,7 @@ def test_a_budget_run_shortens_its_plan_to_the_minutes_its_epochs_take(tmp_path:
     assert checkpoint["epoch"] == 2 and checkpoint["global_step"] == 3 * steps
     assert checkpoint["callbacks"]["TimeBudget"] == {"epochs": 3}
     assert yaml.safe_load((output / "config.yaml").read_text())["epochs"] == 3
-    assert _ends_at_the_final_rate(checkpoint, config.final_lr_factor)
+    assert _ends_at_the_final_rate(checkpoint, config.hparams.final_lr_factor)
 
 
 class _StopAfter(Callback):
@@ -212,7 +212,8 @@ def test_a_plan_lengthened_after_the_first_epoch_survives_a_resume(tmp_path: Pat
         run = prepare(
             config, callbacks=[TimeBudget(1.0, plan=(2, 4)), _EpochsTake(0.2), *run_callbacks]
         )
-        resume = run.last_checkpoint if run.last_checkpoint.is_file() else None
+        last = run.folder.last_checkpoint
+        resume = last if last.is_file() else None
         run.trainer.fit(run.module, datamodule=run.datamodule, ckpt_path=resume)
 
     # Planned 2 epochs; 0.2 min each lets 5 fit in 1 min. Stopped after 3, then resumed.
@@ -223,4 +224,4 @@ def test_a_plan_lengthened_after_the_first_epoch_survives_a_resume(tmp_path: Pat
     budget_of_5_epochs([])
     resumed = _last_checkpoint(output)
     assert resumed["epoch"] == 4 and resumed["global_step"] == 5 * 4
-    assert _ends_at_the_final_rate(resumed, config.final_lr_factor)
+    assert _ends_at_the_final_rate(resumed, config.hparams.final_lr_factor)

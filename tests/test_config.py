@@ -49,8 +49,8 @@ def test_the_run_trains_at_the_printed_view_size(
     args += ["--projector-dims", "16", "16", "--batch-size", "8", "--epochs", "1"]
     assert main([*args, "--precision", "32", "--no-plots", "--output", str(out)]) == 0
     assert yaml.safe_load((out / "config.yaml").read_text())["image_size"] == 24
-    hparams = torch.load(out / "checkpoints/last.ckpt", weights_only=True)["hyper_parameters"]
-    assert hparams["image_size"] == 24
+    saved = torch.load(out / "checkpoints/last.ckpt", weights_only=True)["hyper_parameters"]
+    assert saved["hparams"]["image_size"] == 24
 
 
 @pytest.mark.parametrize(
@@ -85,7 +85,12 @@ def test_recipe_then_file_then_flags(tmp_path: Path) -> None:
     resolved = load_fit_config(
         config, {"batch_size": "16", "data": "fashion-mnist", "output": str(tmp_path)}
     )
-    assert (resolved.recipe, resolved.backbone, resolved.epochs, resolved.batch_size) == (
+    assert (
+        resolved.recipe,
+        resolved.hparams.backbone,
+        resolved.hparams.epochs,
+        resolved.hparams.batch_size,
+    ) == (
         "paper",
         "resnet50",
         7,
@@ -154,7 +159,11 @@ def test_the_batch_per_device_alone_sets_the_global_batch(tmp_path: Path) -> Non
         None,
         {"accelerator": "cpu", "devices": 2, "batch_size_per_device": 96, "output": str(tmp_path)},
     )
-    assert (config.batch_size, config.batch_size_per_device, config.world_size) == (192, 96, 2)
+    assert (config.hparams.batch_size, config.batch_size_per_device, config.world_size) == (
+        192,
+        96,
+        2,
+    )
 
 
 @pytest.mark.parametrize(

@@ -10,6 +10,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from _distributed import run_distributed
 from barlowtwins import BarlowTwinsLoss
+from barlowtwins.hparams import Hyperparameters
 from barlowtwins.model import BarlowTwins
 from barlowtwins.nn.distributed import (
     GlobalBatchNorm,
@@ -119,7 +120,9 @@ def test_the_batch_norm_sync_is_chosen_from_the_training_device(
 
 
 def test_the_plugin_asks_the_trainer_not_the_parameters_where_training_runs() -> None:
-    module = BarlowTwinsModule(backbone="resnet10", in_channels=1, image_size=16, batch_size=8)
+    module = BarlowTwinsModule(
+        Hyperparameters(backbone="resnet10", image_size=16, batch_size=8), in_channels=1
+    )
     trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False)
     # Lightning attaches the module before the DDP strategy applies the plugin, and applies it
     # before it moves the parameters to the GPU: they are not where training will run.

@@ -14,9 +14,11 @@ from safetensors.torch import load_file
 import barlowtwins
 from barlowtwins.app.cli import main
 from barlowtwins.app.export import FORMATS, relative_difference
-from barlowtwins.app.runs import load_run
 from barlowtwins.backbones import build_backbone
-from barlowtwins.training.checkpoint import EncoderInfo, save_encoder
+from barlowtwins.encoder import EncoderInfo
+from barlowtwins.runs.files import save_encoder
+from barlowtwins.runs.folder import RunFolder
+from barlowtwins.runs.loader import load_trained_encoder
 
 TINY = ["--backbone", "resnet10", "--max-samples", "128", "--batch-size", "64"]
 TINY += ["--val-max-samples", "200", "--knn-bank-size", "128", "--knn-k", "20"]
@@ -41,7 +43,7 @@ def timm_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch.manual_seed(0)
     backbone, _ = build_backbone("timm:resnet10t", in_channels=1)
     info = EncoderInfo("timm:resnet10t", 1, False, 32, (0.5,), (0.25,))
-    save_encoder(backbone, info, folder)
+    save_encoder(backbone, info, RunFolder(folder))
     return folder
 
 
@@ -74,7 +76,7 @@ def test_safetensors_loads_strictly_into_plain_torchvision(run: Path, tmp_path: 
         "1",
         "28",
     )
-    info = load_run(run).info
+    info = load_trained_encoder(run).info
     assert tuple(json.loads(header["mean"])) == info.mean
     assert tuple(json.loads(header["std"])) == info.std
     assert "barlowtwins" not in header["build"]  # plain torchvision lines
@@ -141,7 +143,8 @@ def test_timm_reads_the_hf_folder_of_a_torchvision_resnet18(
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     torch.manual_seed(0)
     backbone, _ = build_backbone("resnet18", in_channels=3)
-    save_encoder(backbone, EncoderInfo("resnet18", 3, False, 32, (0.5,) * 3, (0.25,) * 3), tmp_path)
+    info = EncoderInfo("resnet18", 3, False, 32, (0.5,) * 3, (0.25,) * 3)
+    save_encoder(backbone, info, RunFolder(tmp_path))
     _export(tmp_path, "hf", tmp_path / "hf")
     model = timm.create_model(f"local-dir:{tmp_path / 'hf'}", pretrained=True)
     _same_outputs(model, barlowtwins.load_pretrained(tmp_path), (3, 32, 32))
@@ -195,7 +198,8 @@ def test_hf_folder_loads_offline_and_carries_a_model_card(
     knn = {r.metric_name: r.metric_value for r in card.data.eval_results}
     assert knn["kNN top-1 (k=20)"] == round(results["knn"]["at_k"]["20"]["barlow twins"], 2)
     evaluation = json.loads((run / "evaluation.json").read_text())
-    assert knn["linear probe top-1"] == round(evaluation["results"]["linear probe top-1 %"], 2)
+    probe = evaluation["results"]["linear_probe"]["top1"]["barlow twins"]
+    assert knn["linear probe top-1"] == round(probe, 2)
     text = card.text
     assert "barlowtwins.load_pretrained(" in text and "load_state_dict(load_file(" in text
     assert "projector_dims:" in text  # the run's config.yaml
@@ -225,8 +229,8 @@ def test_full_rebuilds_barlow_twins(run: Path, tmp_path: Path) -> None:
         "resnet10", in_channels=1, small_image=False, projector_dims=(64, 64)
     )
     model.load_state_dict(state, strict=True)
-    _same_outputs(model, load_run(run, projector=True).model(), (1, 28, 28))
-    _same_outputs(load_run(out, projector=True).model(), model, (1, 28, 28))
+    _same_outputs(model, load_trained_encoder(run, projector=True).model(), (1, 28, 28))
+    _same_outputs(load_trained_encoder(out, projector=True).model(), model, (1, 28, 28))
 
 
 def test_help_names_every_format(capsys: pytest.CaptureFixture[str]) -> None:
@@ -293,7 +297,7 @@ def test_an_existing_target_needs_force(
     assert os.stat(out).st_mtime_ns == stamp
     _export(run, format, out, "--force")
     assert _leftovers(tmp_path) == []
-    assert load_run(out).info == load_run(run).info
+    assert load_trained_encoder(out).info == load_trained_encoder(run).info
 
 
 def test_force_never_replaces_a_folder_that_is_not_an_export(

@@ -19,7 +19,7 @@ import yaml
 from PIL import Image
 
 from _fit_process import ENV, WAIT_S, children, paused_fit, tail, wait_for_pause
-from barlowtwins.training.checkpoint import safe_load
+from barlowtwins.runs.files import safe_load
 from conftest import ImageFolderFactory
 
 # 64 images in global batches of 16 (8 per process): 4 steps an epoch.

@@ -27,9 +27,9 @@ from barlowtwins.health import (
     diagnose,
     effective_rank,
     embedding_std,
-    independent_features_terms,
     loss_terms,
 )
+from barlowtwins.hparams import Hyperparameters
 from barlowtwins.loss import cross_correlation
 from barlowtwins.training.datamodule import BarlowTwinsDataModule
 from barlowtwins.training.module import BarlowTwinsModule
@@ -55,10 +55,20 @@ def test_loss_terms_need_a_computed_loss() -> None:
         loss_terms(BarlowTwinsLoss(), num_features=8)
 
 
+def _independent_features_terms(num_features: int, batch_size: int) -> tuple[float, float]:
+    """Expected (invariance, redundancy) when the two views' features are independent.
+
+    Every c_ij is then the sample correlation of two independent series of N values:
+    E[(1 - c_ii)^2] = 1 + 1/(N-1) on the D diagonal entries, E[c_ij^2] = 1/(N-1) on the
+    D (D - 1) others.
+    """
+    per_entry = 1.0 / (batch_size - 1)
+    return num_features * (1.0 + per_entry), num_features * (num_features - 1) * per_entry
+
+
 def test_independent_features_give_the_derived_scale() -> None:
-    # Independent views: E[(1 - c_ii)^2] = 1 + 1/(N-1), E[c_ij^2] = 1/(N-1).
     features, batch, lambda_param = 256, 512, 5e-3
-    expected = independent_features_terms(features, batch, lambda_param)
+    invariance, redundancy = _independent_features_terms(features, batch)
     generator = torch.Generator().manual_seed(1)
     criterion = BarlowTwinsLoss(lambda_param)
     criterion(
@@ -66,9 +76,10 @@ def test_independent_features_give_the_derived_scale() -> None:
         torch.randn(batch, features, generator=generator),
     )
     measured = loss_terms(criterion, features)
-    assert measured.invariance.item() == pytest.approx(expected.invariance.item(), rel=0.03)
-    assert measured.redundancy.item() == pytest.approx(expected.redundancy.item(), rel=0.03)
-    assert expected.loss_per_feature.item() == pytest.approx(1 + 1 / 511 + lambda_param * 255 / 511)
+    assert measured.invariance.item() == pytest.approx(invariance, rel=0.03)
+    assert measured.redundancy.item() == pytest.approx(redundancy, rel=0.03)
+    loss_per_feature = 1 + 1 / 511 + lambda_param * 255 / 511
+    assert measured.loss_per_feature.item() == pytest.approx(loss_per_feature, rel=0.03)
 
 
 def test_embedding_std_is_one_over_sqrt_d_when_spread_and_zero_when_collapsed() -> None:
@@ -144,15 +155,17 @@ def _train(
     torch.manual_seed(0)
     recipe = {"lr_weights": 3.0, "lr_biases": 0.0144, "lambda_param": 5e-3, **options}
     module = BarlowTwinsModule(
-        backbone="resnet10",
+        Hyperparameters(
+            backbone="resnet10",
+            image_size=28,
+            small_image=False,
+            projector_dims=(128, 128),
+            batch_size=64,
+            warmup_epochs=0,
+            crop_scale=(1.0, 1.0),
+            **recipe,
+        ),
         in_channels=1,
-        image_size=28,
-        small_image=False,
-        projector_dims=(128, 128),
-        batch_size=64,
-        warmup_epochs=0,
-        crop_scale=(1.0, 1.0),
-        **recipe,
     )
     trainer = L.Trainer(
         max_epochs=epochs,
@@ -213,7 +226,7 @@ def test_fit_logs_health_metrics_and_plots_them(tmp_path: Path) -> None:
     invariance, redundancy = float(row[INVARIANCE]), float(row[REDUNDANCY])
     # The logged terms add up to the logged loss of the same step.
     loss = float(row["train_loss_step"])
-    lambda_param = get_recipe(DEFAULT_RECIPE).values["lambda_param"]
+    lambda_param = get_recipe(DEFAULT_RECIPE).hparams.lambda_param
     assert float(row[WEIGHTED_REDUNDANCY]) == pytest.approx(lambda_param * redundancy, rel=1e-5)
     assert invariance + float(row[WEIGHTED_REDUNDANCY]) == pytest.approx(loss, rel=1e-5)
     assert float(row[LOSS_PER_FEATURE]) == pytest.approx(loss / 64, rel=1e-5)

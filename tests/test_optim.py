@@ -18,13 +18,25 @@ from barlowtwins.optim import (
     build_warmup_cosine_scheduler,
     scale_lr,
     split_parameters,
-    warmup_cosine,
 )
 
 
 def _model() -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(6, 5), nn.BatchNorm1d(5), nn.ReLU(), nn.Linear(5, 3))
+
+
+def _warmup_cosine(
+    step: int, *, warmup_steps: int, total_steps: int, final_factor: float = 0.001
+) -> float:
+    """The schedule written out once more: linear warm-up to 1, then the cosine decay."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if step >= total_steps:
+        return final_factor
+    progress = (step - warmup_steps) / (total_steps - warmup_steps)
+    q = 0.5 * (1.0 + math.cos(math.pi * progress))
+    return q + final_factor * (1.0 - q)
 
 
 def _backward(model: nn.Module, seed: int) -> None:
@@ -264,18 +276,19 @@ def test_build_optimizer_drops_empty_group() -> None:
 
 
 def test_warmup_cosine_key_values() -> None:
-    kw = {"warmup_steps": 10, "total_steps": 110, "final_factor": 0.001}
-    assert warmup_cosine(0, **kw) == pytest.approx(0.1)
-    assert warmup_cosine(9, **kw) == pytest.approx(1.0)
-    assert warmup_cosine(10, **kw) == pytest.approx(1.0)
-    assert warmup_cosine(60, **kw) == pytest.approx(0.5 + 0.5 * 0.001)
-    assert warmup_cosine(110, **kw) == pytest.approx(0.001)
-    assert warmup_cosine(500, **kw) == pytest.approx(0.001)
-    assert warmup_cosine(0, warmup_steps=0, total_steps=4) == pytest.approx(1.0)
+    schedule = WarmupCosine(warmup_steps=10, total_steps=110, final_factor=0.001)
+    assert schedule(0) == pytest.approx(0.1)
+    assert schedule(9) == pytest.approx(1.0)
+    assert schedule(10) == pytest.approx(1.0)
+    assert schedule(60) == pytest.approx(0.5 + 0.5 * 0.001)
+    assert schedule(110) == pytest.approx(0.001)
+    assert schedule(500) == pytest.approx(0.001)
+    assert WarmupCosine(warmup_steps=0, total_steps=4)(0) == pytest.approx(1.0)
 
 
 def test_warmup_cosine_is_monotone() -> None:
-    values = [warmup_cosine(s, warmup_steps=7, total_steps=50) for s in range(60)]
+    schedule = WarmupCosine(warmup_steps=7, total_steps=50)
+    values = [schedule(s) for s in range(60)]
     warmup, decay = values[:7], values[6:]
     assert all(a < b for a, b in itertools.pairwise(warmup))
     assert all(a >= b for a, b in itertools.pairwise(decay))
@@ -293,7 +306,7 @@ def test_warmup_cosine_is_monotone() -> None:
 )
 def test_warmup_cosine_rejects_bad_settings(kwargs: dict[str, float]) -> None:
     with pytest.raises(ValueError):
-        warmup_cosine(0, **kwargs)
+        WarmupCosine(**kwargs)
 
 
 def test_scheduler_follows_warmup_cosine_per_step() -> None:
@@ -302,7 +315,7 @@ def test_scheduler_follows_warmup_cosine_per_step() -> None:
     peak = [g["lr"] for g in opt.param_groups]
     scheduler = build_warmup_cosine_scheduler(opt, warmup_steps=3, total_steps=12)
     for step in range(14):
-        factor = warmup_cosine(step, warmup_steps=3, total_steps=12)
+        factor = _warmup_cosine(step, warmup_steps=3, total_steps=12)
         for group, lr in zip(opt.param_groups, peak, strict=True):
             assert group["lr"] == pytest.approx(lr * factor)
         _backward(model, step)
@@ -312,10 +325,10 @@ def test_scheduler_follows_warmup_cosine_per_step() -> None:
     assert math.isfinite(sum(p.sum().item() for p in model.parameters()))
 
 
-def test_warmup_cosine_object_equals_the_function_until_its_end_moves() -> None:
+def test_warmup_cosine_object_equals_the_formula_until_its_end_moves() -> None:
     kw = {"warmup_steps": 7, "total_steps": 50, "final_factor": 0.01}
     schedule = WarmupCosine(**kw)
-    assert [schedule(s) for s in range(60)] == [warmup_cosine(s, **kw) for s in range(60)]
+    assert [schedule(s) for s in range(60)] == [_warmup_cosine(s, **kw) for s in range(60)]
 
 
 @pytest.mark.parametrize("new_end", [30, 120])
@@ -341,7 +354,7 @@ def test_moving_the_end_during_warm_up_keeps_or_shortens_it() -> None:
     kept = WarmupCosine(warmup_steps=10, total_steps=60)
     kept.end_at(20, step=4)
     assert [kept(s) for s in range(11)] == [
-        warmup_cosine(s, warmup_steps=10, total_steps=20) for s in range(11)
+        _warmup_cosine(s, warmup_steps=10, total_steps=20) for s in range(11)
     ]
     cut = WarmupCosine(warmup_steps=10, total_steps=60, final_factor=0.001)
     cut.end_at(6, step=3)

@@ -34,8 +34,8 @@ from _fit_process import (
     wait_until,
 )
 from barlowtwins.app.cli import main
+from barlowtwins.runs.files import CheckpointError, atomic_write, safe_load
 from barlowtwins.training.callbacks import AtomicCheckpointIO
-from barlowtwins.training.checkpoint import CheckpointError, atomic_write, safe_load
 
 # Smaller than test_cli's run (4 steps of 16 images per epoch) so that the subprocess tests,
 # which each pay for a fresh interpreter and several epochs, fit on two shared cores. Runs

@@ -35,6 +35,7 @@ args = parser.parse_args()
 # %%
 import lightning as L
 
+from barlowtwins import Hyperparameters
 from barlowtwins.data import load_data
 from barlowtwins.training.datamodule import BarlowTwinsDataModule
 from barlowtwins.training.module import BarlowTwinsModule
@@ -44,13 +45,15 @@ dataset = load_data(
 )
 # The module holds backbone, projection head, the batched two-view augmentation and the loss.
 model = BarlowTwinsModule(
-    backbone="resnet18",
+    Hyperparameters(
+        backbone="resnet18",
+        image_size=args.image_size,
+        small_image=False,
+        projector_dims=(2048, 2048, 2048),  # the seed's head: 512 -> 2048 -> 2048 -> 2048
+        batch_size=args.batch_size,
+        warmup_epochs=min(10, args.epochs / 10),
+    ),
     in_channels=dataset.channels,
-    image_size=args.image_size,
-    small_image=False,
-    projector_dims=(2048, 2048, 2048),  # the seed's head: 512 -> 2048 -> 2048 -> 2048
-    batch_size=args.batch_size,
-    warmup_epochs=min(10, args.epochs / 10),
 )
 datamodule = BarlowTwinsDataModule(dataset, batch_size=args.batch_size)
 

@@ -59,6 +59,7 @@ args = parser.parse_args()
 import lightning as L
 import torch
 
+from barlowtwins import Hyperparameters
 from barlowtwins.data import load_data
 from barlowtwins.training.callbacks import GlobalBatchNormSync
 from barlowtwins.training.datamodule import BarlowTwinsDataModule
@@ -68,13 +69,15 @@ dataset = load_data(
     args.data, image_size=args.image_size, download=args.download, max_samples=args.max_samples
 )
 model = BarlowTwinsModule(
-    backbone="resnet18",
+    Hyperparameters(
+        backbone="resnet18",
+        image_size=args.image_size,
+        small_image=False,
+        projector_dims=(2048, 2048, 2048),  # the seed's head: 512 -> 2048 -> 2048 -> 2048
+        batch_size=args.batch_size,
+        warmup_epochs=min(10, args.epochs / 10),
+    ),
     in_channels=dataset.channels,
-    image_size=args.image_size,
-    small_image=False,
-    projector_dims=(2048, 2048, 2048),  # the seed's head: 512 -> 2048 -> 2048 -> 2048
-    batch_size=args.batch_size,
-    warmup_epochs=min(10, args.epochs / 10),
     gather_distributed=True,
 )
 datamodule = BarlowTwinsDataModule(dataset, batch_size=args.batch_size)

@@ -9,6 +9,7 @@ from typing import Any
 
 from barlowtwins.backbones import build_backbone
 from barlowtwins.heads import BarlowTwinsProjectionHead
+from barlowtwins.hparams import Hyperparameters
 from barlowtwins.loss import BarlowTwinsLoss
 from barlowtwins.mixed_loss import MixedBarlowTwinsLoss, MixUp
 from barlowtwins.model import BarlowTwins
@@ -25,6 +26,7 @@ __all__ = [
     "BarlowTwinsProjectionHead",
     "BarlowTwinsTransform",
     "BatchedBarlowTwinsAugment",
+    "Hyperparameters",
     "MixUp",
     "MixedBarlowTwinsLoss",
     "ViewConfig",
@@ -45,7 +47,7 @@ def __getattr__(name: str) -> Any:
         return BarlowTwinsModule
     if name == "load_pretrained":
         # The loader of runs and exports is the application's; only import it when asked.
-        from barlowtwins.app.runs import load_pretrained
+        from barlowtwins.runs.loader import load_pretrained
 
         return load_pretrained
     raise AttributeError(f"module 'barlowtwins' has no attribute {name!r}")

@@ -8,9 +8,10 @@ of the cross-correlation matrix ``c`` of the two views' batch-standardised embed
     loss       = invariance + lambda * redundancy
 
 Both grow with the embedding size ``D``, so the raw loss of one run cannot be compared with
-another's: ``loss / D`` can. :func:`independent_features_terms` gives the values the terms take
-when the two views' features are independent (no invariance learnt yet, no redundancy), which
-is roughly where training starts: about ``D`` for the loss.
+another's: ``loss / D`` can. When the two views' features are independent (no invariance learnt
+yet, no redundancy), which is roughly where training starts, the terms are about
+``D (1 + 1 / (N - 1))`` and ``D (D - 1) / (N - 1)`` for a batch of ``N``: about ``D`` for the
+loss (``docs/is_it_working.md`` derives them and compares with measured runs).
 
 Two signs of collapse:
 
@@ -83,42 +84,6 @@ def loss_terms(criterion: torch.nn.Module, num_features: int) -> LossTerms:
     invariance, redundancy = terms
     lambda_param = float(getattr(criterion, "lambda_param"))  # noqa: B009 (a loss's float)
     return LossTerms(invariance, redundancy, lambda_param, num_features)
-
-
-def independent_features_terms(
-    num_features: int, batch_size: int, lambda_param: float
-) -> LossTerms:
-    """Expected loss terms when the two views' ``D`` features are independent of each other.
-
-    Batch standardisation makes every ``c_ij`` the sample correlation of two independent
-    series of ``N`` values, whose mean is 0 and whose mean square is ``1 / (N - 1)`` for
-    Gaussian data. Hence ``E[(1 - c_ii)^2] = 1 + 1 / (N - 1)`` on each of the ``D`` diagonal
-    entries and ``E[c_ij^2] = 1 / (N - 1)`` on each of the ``D (D - 1)`` others::
-
-        invariance ~ D (1 + 1 / (N - 1))        ~ D
-        redundancy ~ D (D - 1) / (N - 1)        ~ D^2 / N
-
-    so the loss starts near ``D + lambda D^2 / N``: 1036 for ``fit``'s D = 1024, N = 512,
-    lambda = 5e-3, and 9540 for D = 8192, N = 256 (8360 at N = 2048). Real networks start
-    elsewhere (views of one image are correlated, random features are redundant);
-    ``docs/is_it_working.md`` compares with measured runs.
-
-    Args:
-        num_features: ``D``, the embedding size.
-        batch_size: ``N``, the (global) batch the statistics are taken over (>= 2).
-        lambda_param: Weight of the redundancy term.
-    """
-    if num_features < 1 or batch_size < 2:
-        raise ValueError(
-            f"need num_features >= 1 and batch_size >= 2, got {num_features} and {batch_size}"
-        )
-    per_entry = 1.0 / (batch_size - 1)
-    return LossTerms(
-        invariance=torch.tensor(num_features * (1.0 + per_entry), dtype=torch.float64),
-        redundancy=torch.tensor(num_features * (num_features - 1) * per_entry, dtype=torch.float64),
-        lambda_param=lambda_param,
-        num_features=num_features,
-    )
 
 
 def embedding_std(embeddings: Tensor) -> Tensor:

@@ -16,14 +16,14 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from barlowtwins.nn.distributed import global_count, global_sum, world_size
+from barlowtwins.nn.distributed import global_count, sum_over_ranks_if, world_size
 
 # Same epsilon as torch.nn.BatchNorm1d, which the paper's released code uses to standardise.
 _BATCHNORM_EPS = 1e-5
-# Blocks of c in _sum_of_squares: about 2**18 values (a 1 MiB temporary that stays in cache),
-# but no more than 32 blocks, since each costs a kernel launch on a GPU and an OpenMP parallel
-# region on a CPU, which waits for a time slice when other processes share the cores. Measured
-# on 2 CPU threads, loss fwd+bwd at B = 256, against the single-sdot loss of session 4: with
+# Blocks of c in accurate_sum_of_squares: about 2**18 values (a 1 MiB temporary that stays in
+# cache), but no more than 32 blocks, since each costs a kernel launch on a GPU and an OpenMP
+# parallel region on a CPU, which waits for a time slice when other processes share the cores.
+# Measured on 2 CPU threads, loss fwd+bwd at B = 256, against one BLAS sdot over all of c: with
 # 256 blocks of 2**18 it was 4 % slower at D = 8192; with blocks of 2**20 (out of cache), 7 %
 # slower at D = 2048.
 _BLOCK_ELEMENTS = 2**18
@@ -53,7 +53,7 @@ class BarlowTwinsLoss(nn.Module):
     B = 32..2048, D = 512..8192), also when the views nearly agree: the sum over the
     ``D**2`` squares of ``c`` is taken pairwise in blocks, not by one running sum (off by
     ~1e-3 at D = 8192), and ``1 - c_ii`` is computed without cancelling (see
-    ``_RedundancyReduction``).
+    :class:`RedundancyReduction`).
 
     With ``gather_distributed=True`` under an initialised process group, the statistics, ``N``
     and ``c`` cover the *global* batch of all ranks, every rank returns the global loss, and
@@ -102,24 +102,30 @@ class BarlowTwinsLoss(nn.Module):
 
     def forward(self, z_a: Tensor, z_b: Tensor) -> Tensor:
         """Compute the loss of two batches of embeddings of shape (batch, features)."""
-        _check_embeddings(z_a, z_b)
+        check_embedding_pair(z_a, z_b)
         with torch.autocast(device_type=z_a.device.type, enabled=False):
             z_a, z_b = _compute_dtype(z_a, z_b)
             ranks = world_size() if self.gather_distributed else 1
-            total = global_sum if ranks > 1 else _identity
+            total = sum_over_ranks_if(ranks > 1)
             n = global_count(z_a.size(0), z_a.device) if ranks > 1 else z_a.size(0)
-            _check_batch(n)
-            (a, var_a), (b, var_b) = _standardize(z_a, n, total), _standardize(z_b, n, total)
+            check_batch_size(n)
+            a, var_a = standardize_over_batch(z_a, n, total)
+            b, var_b = standardize_over_batch(z_b, n, total)
             terms: dict[str, Tensor] = {}
-            loss = _RedundancyReduction.apply(
+            loss = RedundancyReduction.apply(
                 a, b, var_a.detach(), var_b.detach(), n, self.lambda_param, ranks, terms
             )
             self.last_terms = (terms["on_diag"], terms["off_diag"])
             return loss if self.scale_loss == 1 else loss * self.scale_loss
 
 
-class _RedundancyReduction(torch.autograd.Function):
-    """The loss of standardised embeddings ``a``, ``b``, with the D x D work done in place.
+class RedundancyReduction(torch.autograd.Function):
+    """The Barlow Twins loss of standardised embeddings ``a``, ``b``, with the D x D work in place.
+
+    The step of :class:`BarlowTwinsLoss` after standardising (also the Barlow Twins term of
+    :class:`~barlowtwins.mixed_loss.MixedBarlowTwinsLoss`); call it as
+    ``RedundancyReduction.apply(a, b, var_a, var_b, n, lambda_param, ranks, terms)``. It
+    supports one backward pass per forward pass.
 
     Autograd through ``c = a.T @ b / n`` and the loss would keep ``c``, the unscaled product
     and two D x D gradients alive together (256 MiB each at the paper's D = 8192). Here the
@@ -132,6 +138,24 @@ class _RedundancyReduction(torch.autograd.Function):
         1 - c_ii = (eps / (var_a_i + eps) + eps / (var_b_i + eps) + ||a_i - b_i||^2 / n) / 2,
 
     a sum of positive terms, each accurate to float32's relative precision.
+
+    Args:
+        a: This rank's standardised first-view embeddings (:func:`standardize_over_batch`),
+            (batch, features), float32 or float64.
+        b: The same for the second view, same shape and dtype.
+        var_a: Each feature's (biased) variance of the first view before standardising,
+            detached, shape (features,).
+        var_b: The same for the second view.
+        n: Number of samples the statistics cover (the global batch when ``ranks > 1``).
+        lambda_param: Weight of the off-diagonal term.
+        ranks: Number of processes whose shards ``a`` and ``b`` are (1 without distribution);
+            with more, ``c`` and the distances are all-reduced over the default group.
+        terms: If given, receives the detached terms as ``"on_diag"`` and ``"off_diag"``, in
+            the dtype of the loss.
+
+    Returns:
+        The scalar loss ``on_diag + lambda_param * off_diag`` in the dtype of ``a``, the same
+        on every rank.
     """
 
     @staticmethod
@@ -157,10 +181,10 @@ class _RedundancyReduction(torch.autograd.Function):
         c = _scaled_product(a, b, n)
         if ranks > 1:
             dist.all_reduce(c)  # the global batch's c: the sum of every rank's a.T @ b / n
-        # Both terms are summed in float64 or pairwise: see _sum_of_squares.
+        # Both terms are summed in float64 or pairwise: see accurate_sum_of_squares.
         on_diag = one_minus_diagonal.square().sum()
         # ||c||^2 - ||diag(c)||^2: no D x D mask or temporary beyond c itself.
-        off_diag = _sum_of_squares(c) - c.diagonal().to(torch.float64).square().sum()
+        off_diag = accurate_sum_of_squares(c) - c.diagonal().to(torch.float64).square().sum()
         if terms is not None:
             # In the dtype of the loss, like the value returned.
             terms["on_diag"], terms["off_diag"] = (
@@ -240,13 +264,14 @@ def cross_correlation(z_a: Tensor, z_b: Tensor, *, gather_distributed: bool = Fa
     Returns:
         The (features x features) matrix; the identity is the Barlow Twins optimum.
     """
-    _check_embeddings(z_a, z_b)
+    check_embedding_pair(z_a, z_b)
     with torch.autocast(device_type=z_a.device.type, enabled=False):
         z_a, z_b = _compute_dtype(z_a, z_b)
-        total = global_sum if gather_distributed else _identity
+        total = sum_over_ranks_if(gather_distributed)
         n = global_count(z_a.size(0), z_a.device) if gather_distributed else z_a.size(0)
-        _check_batch(n)
-        (a, _), (b, _) = _standardize(z_a, n, total), _standardize(z_b, n, total)
+        check_batch_size(n)
+        a, _ = standardize_over_batch(z_a, n, total)
+        b, _ = standardize_over_batch(z_b, n, total)
         return total(_scaled_product(a, b, n))
 
 
@@ -261,10 +286,20 @@ def _scaled_product(a: Tensor, b: Tensor, n: int) -> Tensor:
     return torch.addmm(a.new_zeros(()), a.T, b, beta=0, alpha=1 / n)
 
 
-def _standardize(z: Tensor, n: int, total: Callable[[Tensor], Tensor]) -> tuple[Tensor, Tensor]:
+def standardize_over_batch(
+    z: Tensor, n: int, total: Callable[[Tensor], Tensor]
+) -> tuple[Tensor, Tensor]:
     """Zero mean, unit (biased) variance per feature over a batch of ``n`` samples.
 
-    ``total`` sums a per-rank quantity over the batch's shards (identity for one process).
+    A batch norm without affine parameters, with batch norm's epsilon (as the paper's released
+    code standardises the embeddings); its statistics may cover the shards of several ranks.
+
+    Args:
+        z: This rank's embeddings, (batch, features).
+        n: Number of samples the statistics cover: ``z.size(0)``, or the global batch size.
+        total: Sums a per-rank tensor over the batch's shards, e.g.
+            :func:`~barlowtwins.nn.distributed.sum_over_ranks_if` (the identity for one
+            process).
 
     Returns:
         The standardised batch and each feature's (biased) variance.
@@ -275,7 +310,7 @@ def _standardize(z: Tensor, n: int, total: Callable[[Tensor], Tensor]) -> tuple[
     return centred * torch.rsqrt(var + _BATCHNORM_EPS), var
 
 
-def _sum_of_squares(matrix: Tensor) -> Tensor:
+def accurate_sum_of_squares(matrix: Tensor) -> Tensor:
     """``sum(matrix**2)`` as a float64 scalar, to better than 1e-6 relative for float32 input.
 
     BLAS ``sdot`` over the paper's 8192 x 8192 entries, which this loss used before, is off by
@@ -287,6 +322,12 @@ def _sum_of_squares(matrix: Tensor) -> Tensor:
     on a constant one (the worst case for running sums), as fast as ``sdot`` per loss call.
     Casting blocks to float64 instead was as exact (1e-12) but 3 % slower per loss call at
     D = 2048; one float64 cast of the whole matrix would hold a copy twice the size of ``c``.
+
+    Args:
+        matrix: A 2-D tensor, e.g. a cross-correlation matrix ``c``.
+
+    Returns:
+        The sum of the squares of its entries, a 0-d float64 tensor.
     """
     rows_for_size = _BLOCK_ELEMENTS // matrix.size(1)
     rows_for_count = -(-matrix.size(0) // _MAX_BLOCKS)  # ceil
@@ -298,16 +339,29 @@ def _sum_of_squares(matrix: Tensor) -> Tensor:
     return partials.to(torch.float64).sum()
 
 
-def _identity(tensor: Tensor) -> Tensor:
-    return tensor
+def check_batch_size(n: int) -> None:
+    """Reject a batch too small to standardise over.
 
+    Args:
+        n: Number of samples the statistics cover (the global batch under distribution).
 
-def _check_batch(n: int) -> None:
+    Raises:
+        ValueError: If ``n < 2``.
+    """
     if n < 2:
         raise ValueError(f"batch size must be >= 2 to standardise over it, got {n}")
 
 
-def _check_embeddings(z_a: Tensor, z_b: Tensor) -> None:
+def check_embedding_pair(z_a: Tensor, z_b: Tensor) -> None:
+    """Reject two views' embeddings that are not (batch, features) of the same shape.
+
+    Args:
+        z_a: Embeddings of the first view.
+        z_b: Embeddings of the second view.
+
+    Raises:
+        ValueError: If either is not 2-D, or their shapes differ.
+    """
     for name, z in (("z_a", z_a), ("z_b", z_b)):
         if z.dim() != 2:
             raise ValueError(

@@ -29,13 +29,13 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from barlowtwins.loss import (
-    _check_batch,
-    _check_embeddings,
-    _RedundancyReduction,
-    _standardize,
-    _sum_of_squares,
+    RedundancyReduction,
+    accurate_sum_of_squares,
+    check_batch_size,
+    check_embedding_pair,
+    standardize_over_batch,
 )
-from barlowtwins.nn.distributed import global_sum, world_size
+from barlowtwins.nn.distributed import gather_rows, global_rank, shard_sizes, sum_over_ranks_if
 from barlowtwins.seeding import derived_seed
 
 
@@ -108,7 +108,7 @@ class MixUp:
         """
         if step < 0:
             raise ValueError(f"step must be >= 0, got {step}")
-        _check_batch(global_batch_size)
+        check_batch_size(global_batch_size)
         generator = torch.Generator().manual_seed(derived_seed(self.seed, step))
         alpha = float(torch.rand((), generator=generator, dtype=torch.float64))
         return alpha, torch.randperm(global_batch_size, generator=generator)
@@ -125,7 +125,7 @@ class MixUp:
             The mixed images with their ``alpha`` and global permutation.
         """
         _check_images(x_a, x_b)
-        sizes = _shard_sizes(x_a.size(0), x_a.device, self.gather_distributed)
+        sizes, _ = _shards(x_a.size(0), x_a.device, self.gather_distributed)
         alpha, permutation = self.draw(sum(sizes), step)
         permutation = permutation.to(x_a.device)
         images = mix_images(
@@ -156,10 +156,10 @@ def mix_images(
     """
     _check_images(x_a, x_b)
     _check_alpha(alpha)
-    sizes = _shard_sizes(x_a.size(0), x_a.device, gather_distributed)
-    rows = _local_rows(permutation, sizes, _rank(gather_distributed))
+    sizes, rank = _shards(x_a.size(0), x_a.device, gather_distributed)
+    rows = _local_rows(permutation, sizes, rank)
     with torch.no_grad():
-        partners = _gather_rows(x_b, sizes)[rows] if len(sizes) > 1 else x_b[rows]
+        partners = gather_rows(x_b, sizes)[rows] if len(sizes) > 1 else x_b[rows]
         return alpha * x_a + (1 - alpha) * partners
 
 
@@ -262,7 +262,7 @@ class MixedBarlowTwinsLoss(nn.Module):
         self, z_a: Tensor, z_b: Tensor, z_mixed: Tensor, alpha: float, permutation: Tensor
     ) -> MixedLossTerms:
         """The Barlow Twins term and the regulariser separately (arguments as :meth:`forward`)."""
-        _check_embeddings(z_a, z_b)
+        check_embedding_pair(z_a, z_b)
         if z_mixed.shape != z_a.shape:
             raise ValueError(
                 f"z_mixed must have the shape of z_a, got {tuple(z_mixed.shape)} and "
@@ -273,14 +273,15 @@ class MixedBarlowTwinsLoss(nn.Module):
         dtype = torch.float64 if float64 else torch.float32
         with torch.autocast(device_type=z_a.device.type, enabled=False):
             z_a, z_b, z_mixed = z_a.to(dtype), z_b.to(dtype), z_mixed.to(dtype)
-            sizes = _shard_sizes(z_a.size(0), z_a.device, self.gather_distributed)
+            sizes, rank = _shards(z_a.size(0), z_a.device, self.gather_distributed)
             ranks, n = len(sizes), sum(sizes)
-            _check_batch(n)
-            rows = _local_rows(permutation, sizes, _rank(self.gather_distributed))
-            total = global_sum if ranks > 1 else _identity
-            (a, var_a), (b, var_b) = _standardize(z_a, n, total), _standardize(z_b, n, total)
-            m, _ = _standardize(z_mixed, n, total)
-            partners = _GatherRows.apply(b, sizes)[rows] if ranks > 1 else b[rows]
+            check_batch_size(n)
+            rows = _local_rows(permutation, sizes, rank)
+            total = sum_over_ranks_if(ranks > 1)
+            a, var_a = standardize_over_batch(z_a, n, total)
+            b, var_b = standardize_over_batch(z_b, n, total)
+            m, _ = standardize_over_batch(z_mixed, n, total)
+            partners = gather_rows(b, sizes)[rows] if ranks > 1 else b[rows]
             residual = m - alpha * a - (1 - alpha) * partners
             weight = self.mix_weight * self.lambda_param
             # The regulariser first: its D x D products are freed before the BT term's c exists.
@@ -288,7 +289,7 @@ class MixedBarlowTwinsLoss(nn.Module):
             mixed = _LinearityResidual.apply(residual, a, b, n, ranks, keep_grads)
             mixed = mixed * (weight * self.scale_loss)
             terms: dict[str, Tensor] = {}
-            barlow_twins = _RedundancyReduction.apply(
+            barlow_twins = RedundancyReduction.apply(
                 a, b, var_a.detach(), var_b.detach(), n, self.lambda_param, ranks, terms
             )
             self.last_terms = (terms["on_diag"], terms["off_diag"])
@@ -317,7 +318,7 @@ class _LinearityResidual(torch.autograd.Function):
                 dist.all_reduce(product)  # the global batch's e^T x: the sum over ranks
             product.div_(n)
             # Exact in float32 too: a plain dot over D x D products loses ~1e-3 at D = 8192.
-            value += _sum_of_squares(product).to(value.dtype)
+            value += accurate_sum_of_squares(product).to(value.dtype)
             if grad_e is not None:
                 grad_e.addmm_(x, product.T)
                 grads.append(e @ product)
@@ -342,46 +343,11 @@ class _LinearityResidual(torch.autograd.Function):
         return grad_e, grad_a, grad_b, None, None, None
 
 
-class _GatherRows(torch.autograd.Function):
-    """All-gather of shards of different sizes whose backward returns each rank its rows' sum.
-
-    Every rank holds the same global loss, so the gradient of a gathered row is the sum of the
-    gradients that all ranks' copies of it receive, as for :func:`global_sum`.
-    """
-
-    @staticmethod
-    def forward(ctx: Any, x: Tensor, sizes: list[int]) -> Tensor:  # type: ignore[override]
-        ctx.sizes, ctx.rank = sizes, dist.get_rank()
-        return _gather_rows(x, sizes)
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-        total = grad.clone(memory_format=torch.contiguous_format)
-        dist.all_reduce(total)
-        start = sum(ctx.sizes[: ctx.rank])
-        return total[start : start + ctx.sizes[ctx.rank]], None
-
-
-def _gather_rows(x: Tensor, sizes: list[int]) -> Tensor:
-    """Concatenation of all ranks' ``x`` in rank order; shards may differ in their first size."""
-    padded = x.new_zeros((max(sizes), *x.shape[1:]))
-    padded[: x.size(0)] = x
-    shards = [torch.empty_like(padded) for _ in sizes]
-    dist.all_gather(shards, padded)
-    return torch.cat([shard[:size] for shard, size in zip(shards, sizes, strict=True)])
-
-
-def _shard_sizes(local: int, device: torch.device, gather_distributed: bool) -> list[int]:
-    """Every rank's batch size, in rank order (``[local]`` without distribution)."""
-    if not gather_distributed or world_size() == 1:
-        return [local]
-    counts = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(world_size())]
-    dist.all_gather(counts, torch.tensor([local], dtype=torch.long, device=device))
-    return [int(count.item()) for count in counts]
-
-
-def _rank(gather_distributed: bool) -> int:
-    return dist.get_rank() if gather_distributed and world_size() > 1 else 0
+def _shards(local: int, device: torch.device, gather_distributed: bool) -> tuple[list[int], int]:
+    """Every rank's batch size in rank order, and this rank's index (``[local], 0`` alone)."""
+    if not gather_distributed:
+        return [local], 0
+    return shard_sizes(local, device), global_rank()
 
 
 def _local_rows(permutation: Tensor, sizes: list[int], rank: int) -> Tensor:
@@ -411,10 +377,6 @@ def _check_images(x_a: Tensor, x_b: Tensor) -> None:
             f"x_a and x_b must have the same shape (batch, ...), got {tuple(x_a.shape)} and "
             f"{tuple(x_b.shape)}"
         )
-
-
-def _identity(tensor: Tensor) -> Tensor:
-    return tensor
 
 
 __all__ = ["MixUp", "MixedBarlowTwinsLoss", "MixedImages", "MixedLossTerms", "mix_images"]

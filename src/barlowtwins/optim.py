@@ -348,10 +348,8 @@ def build_optimizer(
     )
 
 
-def warmup_cosine(
-    step: int, *, warmup_steps: int, total_steps: int, final_factor: float = 0.001
-) -> float:
-    """Learning-rate factor of a linear warm-up followed by a cosine decay (paper §4).
+class WarmupCosine:
+    """Learning-rate factor of a linear warm-up and a cosine decay (paper §4), per step.
 
     During warm-up the factor is ``(step + 1) / warmup_steps``, so the first step already
     moves the weights (the released code's ``step / warmup_steps`` spends it at 0) and the
@@ -362,35 +360,11 @@ def warmup_cosine(
 
     which falls from 1 to ``final_factor`` at ``total_steps`` and stays there.
 
-    Args:
-        step: Zero-based optimiser step.
-        warmup_steps: Number of warm-up steps (0 disables warm-up).
-        total_steps: Step at which the factor reaches ``final_factor``.
-        final_factor: Final factor; the paper decays to 1/1000.
-
-    Returns:
-        The multiplicative learning-rate factor.
-    """
-    _check_schedule(warmup_steps, total_steps, final_factor)
-    if step < 0:
-        raise ValueError(f"step must be >= 0, got {step}")
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    if step >= total_steps:
-        return final_factor
-    progress = (step - warmup_steps) / (total_steps - warmup_steps)
-    q = 0.5 * (1.0 + math.cos(math.pi * progress))
-    return q + final_factor * (1.0 - q)
-
-
-class WarmupCosine:
-    """The factor of :func:`warmup_cosine` as a callable whose end can move during a run.
-
-    Called with a step, it returns ``warmup_cosine(step, ...)`` until :meth:`end_at` moves the
-    end of the decay; from then on the cosine continues from the factor it had reached, so
-    the learning rate never jumps, and falls to ``final_factor`` at the new end. The steps
-    before a move keep their factors. :class:`WarmupCosineLR` saves a moved schedule in its
-    ``state_dict``, so a resumed run continues on it.
+    The end of the decay can move during a run: after :meth:`end_at` the cosine continues
+    from the factor it had reached, so the learning rate never jumps, and falls to
+    ``final_factor`` at the new end. The steps before a move keep their factors.
+    :class:`WarmupCosineLR` saves a moved schedule in its ``state_dict``, so a resumed run
+    continues on it.
 
     Args:
         warmup_steps: Number of warm-up steps (0 disables warm-up).
@@ -477,7 +451,7 @@ def build_warmup_cosine_scheduler(
     total_steps: int,
     final_factor: float = 0.001,
 ) -> LambdaLR:
-    """Wrap :class:`WarmupCosine` (:func:`warmup_cosine`) in a scheduler to step once per step.
+    """Wrap :class:`WarmupCosine` in a scheduler to step once per step.
 
     Args:
         optimizer: Optimiser whose groups' ``initial_lr`` (or ``lr``) is the peak rate.

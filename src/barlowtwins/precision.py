@@ -11,13 +11,15 @@ from __future__ import annotations
 import platform
 from collections.abc import Collection
 from pathlib import Path
+from typing import Literal, get_args
 
 import torch
 
 # Every value ``fit --precision`` accepts. Lightning's "bf16-true" and "64-true" are left out:
 # their bfloat16 / float64 weights meet the float32 views of the augmentation, and the first
 # training step fails ("Input type (torch.FloatTensor) and weight type ... should be the same").
-PRECISIONS = ("32", "32-true", "bf16-mixed", "16-mixed")
+Precision = Literal["32", "32-true", "bf16-mixed", "16-mixed"]
+PRECISIONS: tuple[str, ...] = get_args(Precision)
 # The values default_precision() chooses from.
 DEFAULT_PRECISIONS = ("32-true", "bf16-mixed", "16-mixed")
 # Autocast dtype of each name (None: no autocast). "bf16" is the short spelling that

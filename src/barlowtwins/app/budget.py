@@ -43,7 +43,8 @@ _WARMUP_STEPS = 2
 _TIMED_STEPS = 6
 # Lightning's loop, the per-step health metrics and logging, and checkpoints on top of the
 # bare step: measured 1.19x on Fashion-MNIST defaults (0.419 s bare step, 61 s an epoch of 117
-# steps with a 3 s monitor; session 6), where 1.05 had made a 13 min budget run 14.3 min.
+# steps with a 3 s monitor; benchmarks/README.md), where 1.05 had made a 13 min budget run
+# 14.3 min.
 _LOOP_OVERHEAD = 1.2
 # A forward pass is about a third of a forward + backward pass.
 _FORWARD_SHARE = 1 / 3
@@ -83,7 +84,7 @@ def measure_step_seconds(
         sync_batchnorm(probe.model, device)
     optimizer = build_optimizer(
         probe.model,
-        name=str(probe.hparams["optimizer"]),
+        name=probe.hyperparameters.optimizer,
         batch_size=len(images) * processes,
     )
     images = images.to(device)
@@ -198,7 +199,7 @@ class TimeBudget(Callback):
 
     The first plan comes from a few steps timed outside Lightning's loop, and those are only
     as good as the moment they run in: a probe 25 % slower than the run's own steps once made
-    a 12.5-minute budget train 9.4 minutes (benchmarks/README.md, session 7). After every
+    a 12.5-minute budget train 9.4 minutes (benchmarks/README.md). After every
     epoch, its kNN monitor included, this callback divides the minutes so far by the epochs
     done, sets the number of epochs that still fit, and moves the end of the learning-rate
     decay with it (:meth:`~barlowtwins.optim.WarmupCosine.end_at`), so the rate never jumps

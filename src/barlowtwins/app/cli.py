@@ -14,13 +14,14 @@ from typing import Any, get_args, get_origin
 
 import yaml
 
-from barlowtwins.app.config import ConfigError, FitConfig, describe_batch, load_fit_config
+from barlowtwins.app.config import OPTIONS, ConfigError, describe_batch, load_fit_config
 from barlowtwins.app.export import FORMATS
-from barlowtwins.app.recipes import DEFAULT_RECIPE, HYPERPARAMETERS, RECIPES
-from barlowtwins.app.runs import HEAD_WEIGHTS, RUN_SOURCES
+from barlowtwins.app.recipes import DEFAULT_RECIPE, RECIPES
 from barlowtwins.loss import NonFiniteLossError
 from barlowtwins.nn.distributed import DistributedJobError
-from barlowtwins.training.checkpoint import CheckpointError
+from barlowtwins.runs.files import CheckpointError
+from barlowtwins.runs.folder import RunFolder
+from barlowtwins.runs.loader import RUN_SOURCES
 
 _log = logging.getLogger("barlowtwins")
 
@@ -92,11 +93,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     fit.add_argument("--config", type=Path, help="YAML file with any of the options below")
     fit.add_argument("--print-config", action="store_true", help="print the resolved config")
-    default_recipe = RECIPES[DEFAULT_RECIPE].values
-    for name, field in FitConfig.model_fields.items():
+    default_recipe = RECIPES[DEFAULT_RECIPE].hparams.to_dict()
+    for name, field in OPTIONS.items():
         flag = "--" + name.replace("_", "-")
         help_text = field.description or ""
-        if name in HYPERPARAMETERS:
+        if name in default_recipe:
             help_text += f" (from the recipe; {DEFAULT_RECIPE}: {_shown(default_recipe[name])})"
         elif field.default is not None and not field.is_required():
             help_text += f" (default: {_shown(field.default)})"
@@ -193,7 +194,7 @@ def _metavar(annotation: Any) -> str:
 
 
 def _run_fit(args: argparse.Namespace) -> int:
-    overrides = {name: getattr(args, name) for name in FitConfig.model_fields}
+    overrides = {name: getattr(args, name) for name in OPTIONS}
     config = load_fit_config(args.config, overrides)
     if args.print_config:
         print(describe_batch(config))
@@ -212,13 +213,7 @@ def _run_recipes(args: argparse.Namespace) -> int:
             raise ConfigError(f"unknown recipe {args.name!r}; choose one of: {', '.join(RECIPES)}")
         print(f"{recipe.name}: {recipe.purpose}\nsource: {recipe.source}")
         print(f"published: {recipe.published}\nmeasured here: {recipe.measured}\n")
-        print(
-            yaml.safe_dump(
-                {k: list(v) if isinstance(v, tuple) else v for k, v in recipe.values.items()},
-                sort_keys=False,
-            ),
-            end="",
-        )
+        print(yaml.safe_dump(recipe.hparams.to_dict(), sort_keys=False), end="")
         return 0
     for recipe in RECIPES.values():
         print(f"{recipe.name:<18} {recipe.purpose}")
@@ -259,7 +254,7 @@ def _run_embed(args: argparse.Namespace) -> int:
 def _run_evaluate(args: argparse.Namespace) -> int:
     from barlowtwins.app.inference import evaluate_encoder
 
-    results = evaluate_encoder(
+    accuracies = evaluate_encoder(
         args.checkpoint,
         args.train,
         args.test,
@@ -274,18 +269,14 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         accelerator=args.accelerator,
     )
-    width = max(len(name) for name in results)
-    print(f"{'metric':<{width}}  value")
-    for name, value in results.items():
-        print(
-            f"{name:<{width}}  {value:.2f}"
-            if isinstance(value, float)
-            else f"{name:<{width}}  {value}"
-        )
+    print(accuracies.table())
     if args.json:
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
+        args.json.write_text(json.dumps(accuracies.to_dict(), indent=2) + "\n")
     if args.save_head:
-        print(f"saved the linear head into the run folder ({HEAD_WEIGHTS}, evaluation.json)")
+        folder = RunFolder(Path())
+        print(
+            f"saved the linear head into the run folder ({folder.linear_head}, {folder.evaluation})"
+        )
     return 0
 
 

@@ -8,24 +8,26 @@ pydantic: a value of the wrong type or out of range is a one-line :class:`Config
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
-from typing import Any, Literal, get_args
+from types import UnionType
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
+from pydantic.fields import FieldInfo
 
 from barlowtwins.app.recipes import (
-    AUTO,
     DEFAULT_RECIPE,
     FOLDER_RECIPE,
-    HYPERPARAMETERS,
     OPTIMIZER_LEARNING_RATES,
     Recipe,
     get_recipe,
 )
 from barlowtwins.data.spec import DataSpec
-from barlowtwins.precision import PRECISIONS, default_precision
+from barlowtwins.hparams import AUTO, BOUNDS, Hyperparameters
+from barlowtwins.precision import default_precision
 
 
 class ConfigError(ValueError):
@@ -35,13 +37,14 @@ class ConfigError(ValueError):
 class FitConfig(BaseModel):
     """Every option of ``barlowtwins fit``, resolved: no ``"auto"`` and no missing value.
 
-    The hyperparameters (:data:`barlowtwins.app.recipes.HYPERPARAMETERS`) have no defaults
-    here: they come from a recipe. Build one with :func:`load_fit_config`.
+    The run's options (data, output, devices, seed, ...) and, in ``hparams``, the method's
+    :class:`~barlowtwins.hparams.Hyperparameters`, which have no defaults here: they come from
+    a recipe. Build one with :func:`load_fit_config`. :meth:`to_dict` writes both as one flat
+    mapping, as ``config.yaml`` and the command line spell them.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    # The run.
     recipe: str = Field(description="named preset of every hyperparameter (barlowtwins recipes)")
     data: str = Field(description="fashion-mnist[:train|:test] or an image folder")
     val_data: str | None = Field(
@@ -79,115 +82,48 @@ class FitConfig(BaseModel):
     seed: int = Field(0, description="random seed")
     compile: bool = Field(False, description="torch.compile the model")
     plots: bool = Field(True, description="write PNG plots at the end")
-
-    # The method: defaults only in the recipes.
-    backbone: str = Field(description="resnet10|resnet18|resnet34|resnet50 or timm:<name>")
-    small_image: bool = Field(description="CIFAR-style stem (3x3, no max-pool)")
-    zero_init_residual: bool = Field(description="zero-init each residual branch's last BN")
-    projector_dims: tuple[int, ...] = Field(min_length=1, description="projector layer sizes")
-    lambda_param: float = Field(ge=0, description="off-diagonal weight of the loss")
-    scale_loss: float = Field(gt=0, description="factor of the whole loss (solo-learn)")
-    mix_weight: float = Field(
-        ge=0, description="Mixed Barlow Twins regulariser weight (0: plain Barlow Twins)"
-    )
-    num_views: int = Field(
-        ge=2, description="augmented views per image; the loss averages every pair"
-    )
-    optimizer: Literal["lars", "sgd", "adamw"] = Field(description="lars, sgd or adamw")
-    lr_weights: float = Field(gt=0, description="base LR of weights (x global batch / 256)")
-    lr_biases: float = Field(gt=0, description="base LR of biases and norms")
-    weight_decay: float = Field(ge=0, description="weight decay of weights")
-    momentum: float = Field(ge=0, lt=1, description="momentum (Adam's beta1)")
-    lars_eta: float = Field(gt=0, description="LARS trust coefficient")
-    lars_clip_lr: bool = Field(description="clip LARS's trust ratio at 1/lr (LARC)")
-    warmup_epochs: float = Field(ge=0, description="linear warm-up before the cosine decay")
-    final_lr_factor: float = Field(ge=0, le=1, description="cosine decay ends at this x the LR")
-    epochs: int = Field(ge=1, description="training epochs")
     steps_per_epoch: int | None = Field(
         None,
         ge=1,
         description="optimiser steps per epoch, each from a fresh shuffle (default: all the "
         "data; --time-budget sets it)",
     )
-    time_budget: float | None = Field(
-        gt=0,
-        description="minutes of training: epochs and their steps are sized to fit from a step "
-        "timed on the training devices, the epochs re-counted after each one (scoring and "
-        "plots come on top)",
-    )
-    batch_size: int = Field(
-        ge=2, description="global batch over all devices; each takes an equal share"
-    )
-    image_size: int = Field(ge=8, description="side of the views in pixels")
-    crop_scale: tuple[float, float] = Field(description="random-resized-crop area range")
-    translate: float = Field(
-        ge=0, lt=1, description="largest shift of the views, as a fraction of their side"
-    )
-    erase_prob: float = Field(
-        ge=0, le=1, description="probability of random erasing (a box set to the mean)"
-    )
-    solarize_prob: tuple[float, float] = Field(
-        description="probability of solarisation in view A and in view B"
-    )
-    precision: Literal[PRECISIONS] = Field(  # type: ignore[valid-type]
-        description="Lightning precision (auto: bf16-mixed where the hardware runs it fast)"
-    )
-
-    @field_validator("projector_dims")
-    @classmethod
-    def _positive_dims(cls, dims: tuple[int, ...]) -> tuple[int, ...]:
-        if min(dims) < 1:
-            raise ValueError(f"projector dims must be positive, got {list(dims)}")
-        return dims
+    hparams: Hyperparameters = Field(description="the method's hyperparameters")
 
     @model_validator(mode="before")
     @classmethod
     def _batch_per_device_from_the_global_batch(cls, values: Any) -> Any:
-        if isinstance(values, dict) and values.get("batch_size_per_device") is None:
+        method = values.get("hparams") if isinstance(values, dict) else None
+        if isinstance(method, Hyperparameters) and values.get("batch_size_per_device") is None:
             try:
                 processes = int(values.get("devices", 1)) * int(values.get("num_nodes", 1))
-                values = {**values, "batch_size_per_device": int(values["batch_size"]) // processes}
-            except (KeyError, TypeError, ValueError, ZeroDivisionError):
+                values = {**values, "batch_size_per_device": int(method.batch_size) // processes}
+            except (TypeError, ValueError, ZeroDivisionError):
                 pass  # the field validators name the option that is wrong
         return values
 
     @model_validator(mode="after")
     def _batch_splits_over_the_processes(self) -> FitConfig:
-        if self.batch_size % self.world_size:
+        batch = int(self.hparams.batch_size)
+        if batch % self.world_size:
             raise ValueError(
-                f"batch size {self.batch_size} (the global batch) does not split over "
+                f"batch size {batch} (the global batch) does not split over "
                 f"{self.world_size} processes: give a multiple of {self.world_size}, or "
                 "--batch-size-per-device"
             )
-        if self.batch_size_per_device != self.batch_size // self.world_size:
+        if self.batch_size_per_device != batch // self.world_size:
             raise ValueError(
-                f"batch size {self.batch_size} over {self.world_size} process(es) is "
-                f"{self.batch_size // self.world_size} per device, not "
+                f"batch size {batch} over {self.world_size} process(es) is "
+                f"{batch // self.world_size} per device, not "
                 f"{self.batch_size_per_device}: give one of the two"
             )
         return self
 
     @model_validator(mode="after")
-    def _two_views_for_mixed_barlow_twins(self) -> FitConfig:
-        if self.num_views > 2 and self.mix_weight > 0:
-            raise ValueError(
-                f"Mixed Barlow Twins (mix_weight > 0) takes 2 views, got num_views {self.num_views}"
-            )
+    def _resolved(self) -> FitConfig:
+        if self.hparams.unresolved():
+            raise ValueError(f"option {self.hparams.unresolved()[0]} is still auto")
         return self
-
-    @field_validator("solarize_prob")
-    @classmethod
-    def _probabilities(cls, probabilities: tuple[float, float]) -> tuple[float, float]:
-        if not all(0 <= p <= 1 for p in probabilities):
-            raise ValueError(f"solarize prob must lie in [0, 1], got {list(probabilities)}")
-        return probabilities
-
-    @field_validator("crop_scale")
-    @classmethod
-    def _crop_range(cls, scale: tuple[float, float]) -> tuple[float, float]:
-        if not 0 < scale[0] <= scale[1] <= 1:
-            raise ValueError(f"crop scale must satisfy 0 < lo <= hi <= 1, got {list(scale)}")
-        return scale
 
     @property
     def data_spec(self) -> DataSpec:
@@ -200,11 +136,47 @@ class FitConfig(BaseModel):
         return self.devices * self.num_nodes
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain types only (YAML- and checkpoint-safe)."""
-        return {
-            key: list(value) if isinstance(value, tuple) else value
-            for key, value in self.model_dump().items()
-        }
+        """The run's options and the hyperparameters as one flat mapping of plain types (YAML-
+        and checkpoint-safe)."""
+        return {**self.model_dump(exclude={"hparams"}), **self.hparams.to_dict()}
+
+    def with_hparams(self, **changes: Any) -> FitConfig:
+        """A copy whose hyperparameters have ``changes``."""
+        return self.model_copy(update={"hparams": self.hparams.replace(**changes)})
+
+
+def _without_auto(annotation: Any) -> Any:
+    """A field's type as a resolved config holds it: ``int | Literal["auto"]`` gives ``int``."""
+    kept = [arg for arg in get_args(annotation) if arg != Literal["auto"]]
+    if get_origin(annotation) not in (Union, UnionType) or len(kept) == len(get_args(annotation)):
+        return annotation
+    return kept[0] if len(kept) == 1 else Union[tuple(kept)]  # noqa: UP007 (built at run time)
+
+
+def _hyperparameter_schema() -> type[BaseModel]:
+    """A pydantic model of the hyperparameters' resolved values, made from their fields: it
+    turns the strings of the command line and YAML into the fields' types and names the option
+    a wrong value belongs to."""
+    hints = get_type_hints(Hyperparameters)
+    fields: dict[str, Any] = {}
+    for spec in dataclasses.fields(Hyperparameters):
+        bounds = {name: spec.metadata[name] for name in BOUNDS if name in spec.metadata}
+        fields[spec.name] = (
+            _without_auto(hints[spec.name]),
+            Field(description=spec.metadata["help"], **bounds),
+        )
+    return create_model(  # type: ignore[call-overload, no-any-return]
+        "HyperparameterValues", __config__=ConfigDict(extra="forbid"), **fields
+    )
+
+
+_HYPERPARAMETER_SCHEMA = _hyperparameter_schema()
+#: Every option of ``fit``, as the command line and ``config.yaml`` spell them: the run's,
+#: then the hyperparameters (one flat namespace).
+OPTIONS: dict[str, FieldInfo] = {
+    **{name: info for name, info in FitConfig.model_fields.items() if name != "hparams"},
+    **_HYPERPARAMETER_SCHEMA.model_fields,
+}
 
 
 # Options whose "auto" is resolved here (the recipe resolves its own from the data).
@@ -218,12 +190,13 @@ def describe_batch(config: FitConfig) -> str:
     it gives (``fit --print-config`` prints it above the values)."""
     from barlowtwins.optim import scaled_learning_rates
 
+    method = config.hparams
     weights, biases = scaled_learning_rates(
-        config.optimizer, config.batch_size, config.lr_weights, config.lr_biases
+        method.optimizer, int(method.batch_size), method.lr_weights, method.lr_biases
     )
     return (
-        f"# global batch {config.batch_size} = {config.world_size} process(es) x "
-        f"{config.batch_size_per_device} per device; {config.optimizer} learning rates at "
+        f"# global batch {method.batch_size} = {config.world_size} process(es) x "
+        f"{config.batch_size_per_device} per device; {method.optimizer} learning rates at "
         f"this batch: weights {weights:g}, biases {biases:g}"
     )
 
@@ -241,7 +214,7 @@ def load_fit_config(path: Path | None, overrides: dict[str, Any]) -> FitConfig:
     """
     user = _read_yaml(Path(path)) if path is not None else {}
     user.update({key: value for key, value in overrides.items() if value is not None})
-    unknown = sorted(set(user) - set(FitConfig.model_fields))
+    unknown = sorted(set(user) - set(OPTIONS))
     if unknown:
         raise ConfigError(f"unknown option(s) {', '.join(unknown)}; see barlowtwins fit --help")
     recipe = _choose_recipe(user)
@@ -260,10 +233,14 @@ def load_fit_config(path: Path | None, overrides: dict[str, Any]) -> FitConfig:
     if "batch_size_per_device" in user and "batch_size" not in user:
         # The batch per device given alone replaces the recipe's global batch.
         values["batch_size"] = _times_processes(values, user["batch_size_per_device"])
+    method = {name: values.pop(name) for name in Hyperparameters.names() if name in values}
     try:
-        config = FitConfig.model_validate(values)
+        resolved = _HYPERPARAMETER_SCHEMA.model_validate(method).model_dump()
+        config = FitConfig.model_validate({**values, "hparams": Hyperparameters(**resolved)})
     except ValidationError as error:
         raise ConfigError(_first_error(error)) from None
+    except ValueError as error:  # Hyperparameters' own checks of values that fit their types
+        raise ConfigError(str(error)) from None
     _check_environment(config)
     return config
 
@@ -282,15 +259,15 @@ def _choose_recipe(user: dict[str, Any]) -> Recipe:
 
 def _recipe_values(recipe: Recipe, user: dict[str, Any], spec: DataSpec) -> dict[str, Any]:
     """The recipe's values, its ``"auto"`` ones resolved from the data unless overridden."""
-    pending = [k for k, v in recipe.values.items() if v == AUTO and user.get(k, AUTO) == AUTO]
+    pending = [k for k in recipe.hparams.unresolved() if user.get(k, AUTO) == AUTO]
     needs_data = recipe.adapt is not None and any(k != "precision" for k in pending)
     summary = None
     if needs_data and spec.path is not None:
         from barlowtwins.data.folders import summarize_folder
 
         summary = summarize_folder(spec.path)
-    values = recipe.resolved(summary)
-    if "optimizer" in user and user["optimizer"] != recipe.values["optimizer"]:
+    values = recipe.resolved(summary).to_dict()
+    if "optimizer" in user and user["optimizer"] != recipe.hparams.optimizer:
         # The recipe's learning rates are for its own optimiser.
         lr_weights, lr_biases = OPTIMIZER_LEARNING_RATES.get(str(user["optimizer"]), (None, None))
         values.update(lr_weights=lr_weights, lr_biases=lr_biases)
@@ -351,8 +328,8 @@ def _first_error(error: ValidationError) -> str:
     if kind in _BOUNDS:
         sign, key = _BOUNDS[kind]
         return f"{label} must be {sign} {context[key]}, got {first['input']}"
-    if kind == "literal_error" and name in FitConfig.model_fields:
-        choices = ", ".join(map(str, get_args(FitConfig.model_fields[name].annotation)))
+    if kind == "literal_error" and name in OPTIONS:
+        choices = ", ".join(map(str, get_args(OPTIONS[name].annotation)))
         return f"{name} must be one of {choices}, got {first['input']!r}"
     if kind == "value_error":
         return str(context.get("error", first["msg"]))
@@ -381,8 +358,9 @@ def _check_environment(config: FitConfig) -> None:
     """Reject what the machine cannot run, before any data is read or process started."""
     from barlowtwins.backbones import available_backbones, build_backbone
 
-    if not config.backbone.startswith("timm:") and config.backbone not in available_backbones():
-        build_backbone(config.backbone)  # raises the error that lists the backbones
+    backbone = config.hparams.backbone
+    if not backbone.startswith("timm:") and backbone not in available_backbones():
+        build_backbone(backbone)  # raises the error that lists the backbones
     _check_devices(config)
     _check_output(Path(config.output))
 
@@ -413,4 +391,4 @@ def _check_output(output: Path) -> None:
         raise ConfigError(f"output {output} is not writable")
 
 
-__all__ = ["HYPERPARAMETERS", "ConfigError", "FitConfig", "describe_batch", "load_fit_config"]
+__all__ = ["OPTIONS", "ConfigError", "FitConfig", "describe_batch", "load_fit_config"]

@@ -26,7 +26,11 @@ from barlowtwins.app.config import ConfigError, FitConfig
 from barlowtwins.app.launch import run_training
 from barlowtwins.app.report import describe_hardware, score_encoders, write_plots
 from barlowtwins.data import ImageDataset, load_data
+from barlowtwins.encoder import EncoderInfo
+from barlowtwins.hparams import Hyperparameters, checkpoint_values
 from barlowtwins.loss import cross_correlation
+from barlowtwins.runs.files import safe_load, save_encoder
+from barlowtwins.runs.folder import RunFolder
 from barlowtwins.training.callbacks import (
     AtomicCheckpointIO,
     GlobalBatchNormSync,
@@ -34,51 +38,30 @@ from barlowtwins.training.callbacks import (
     ProgressBar,
     RngStateCheckpoint,
 )
-from barlowtwins.training.checkpoint import EncoderInfo, safe_load, save_encoder
 from barlowtwins.training.datamodule import BarlowTwinsDataModule
 from barlowtwins.training.module import BarlowTwinsModule
 
 _log = logging.getLogger("barlowtwins")
 
-CHECKPOINT_DIR = "checkpoints"
-LAST_CHECKPOINT = "last.ckpt"
 # The final summary's kNN also reports these neighbour counts: 20 (DINO's protocol) and
 # 200 (InstDisc's and lightly's).
 SUMMARY_K = (20, 200)
 # Folders are loaded a little larger than the views so that random crops are not upsampled.
 _FOLDER_LOAD_SCALE = 8 / 7
-# Options the checkpoint's weights, optimizer state or schedule depend on; lambda_param and
-# epochs may change on resume.
-_FIXED_ON_RESUME = (
-    "backbone",
-    "in_channels",
-    "small_image",
-    "image_size",
-    "projector_dims",
-    "optimizer",
-    "lr_weights",
-    "lr_biases",
-    "weight_decay",
-    "batch_size",
-)
 
 
 @dataclass
-class PreparedRun:
+class TrainingSetup:
     """Everything training needs (:func:`~barlowtwins.app.launch.run_training`), built from a
     config by :func:`prepare`."""
 
     config: FitConfig
-    output: Path
+    folder: RunFolder
     train: ImageDataset
     val: ImageDataset | None
     module: BarlowTwinsModule
     datamodule: BarlowTwinsDataModule
     trainer: L.Trainer
-
-    @property
-    def last_checkpoint(self) -> Path:
-        return self.output / CHECKPOINT_DIR / LAST_CHECKPOINT
 
 
 def fit(config: FitConfig, *, callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
@@ -96,152 +79,127 @@ def fit(config: FitConfig, *, callbacks: Sequence[Callback] = ()) -> dict[str, A
     started = time.perf_counter()
     run = prepare(config, callbacks=callbacks)
     training_started = time.perf_counter()
-    run_training(run.trainer, run.module, run.datamodule, run.last_checkpoint)
+    run_training(run.trainer, run.module, run.datamodule, run.folder.last_checkpoint)
     if not run.trainer.is_global_zero:
         return {}
-    if config.time_budget is not None:
+    if config.hparams.time_budget is not None:
         # TimeBudget planned the run and re-planned its epochs: config.yaml records the
         # schedule the run trained.
-        run.config = run.config.model_copy(
-            update={
-                "epochs": run.trainer.max_epochs,
-                "steps_per_epoch": run.trainer.limit_train_batches,
-            }
-        )
-        _write_config(run.output, run.config)
+        run.config = _with_plan(run.config, run.trainer.max_epochs, run.trainer.limit_train_batches)
+        _write_config(run.folder, run.config)
     return finish(
         run, started=started, training_minutes=(time.perf_counter() - training_started) / 60
     )
 
 
-def prepare(config: FitConfig, *, callbacks: Sequence[Callback] = ()) -> PreparedRun:
+def prepare(config: FitConfig, *, callbacks: Sequence[Callback] = ()) -> TrainingSetup:
     """Load the data, build module, data module and trainer, and check a run to resume."""
     L.seed_everything(config.seed, workers=True, verbose=False)
-    output = Path(config.output)
-    output.mkdir(parents=True, exist_ok=True)
+    folder = RunFolder(Path(config.output))
+    folder.path.mkdir(parents=True, exist_ok=True)
     train, val = load_datasets(config)
-    if len(train) < config.batch_size:
+    batch_size = int(config.hparams.batch_size)
+    if len(train) < batch_size:
         raise ConfigError(
-            f"the global batch of {config.batch_size} images is larger than the dataset "
+            f"the global batch of {batch_size} images is larger than the dataset "
             f"({len(train)} images); lower --batch-size"
         )
     module = build_module(config, in_channels=train.channels)
-    previous = _resumed_config(output)
-    _check_budget_unchanged(config, previous, output)
+    previous = _resumed_config(folder)
+    _check_budget_unchanged(config, previous, folder)
     plan = _resumed_plan(config, previous)
     if plan is not None:
         # A resumed budget run keeps its schedule (TimeBudget then applies its checkpoint's).
-        config = config.model_copy(update={"epochs": plan[0], "steps_per_epoch": plan[1]})
+        config = _with_plan(config, *plan)
     datamodule = BarlowTwinsDataModule(
         train,
-        config.batch_size,
+        batch_size,
         knn_bank=_knn_bank(train, config) if val is not None else None,
         knn_query=val,
         num_workers=config.num_workers,
         pin_memory=torch.cuda.is_available(),
     )
-    run = PreparedRun(
+    run = TrainingSetup(
         config,
-        output,
+        folder,
         train,
         val,
         module,
         datamodule,
         build_trainer(
             config,
-            output,
+            folder,
             monitor=val is not None,
-            callbacks=[*callbacks, *_budget_callbacks(config, output, plan)],
+            callbacks=[*callbacks, *_budget_callbacks(config, folder, plan)],
         ),
     )
     # A kill during an atomic write can leave its temporary file behind.
-    for stale in (output / CHECKPOINT_DIR).glob(".*.tmp"):
+    for stale in folder.checkpoints.glob(".*.tmp"):
         stale.unlink(missing_ok=True)
-    if run.last_checkpoint.is_file():
-        _check_resumable(run.last_checkpoint, module)
-        _log.info("resuming from %s", run.last_checkpoint)
+    if folder.last_checkpoint.is_file():
+        _check_resumable(folder.last_checkpoint, module)
+        _log.info("resuming from %s", folder.last_checkpoint)
     if run.trainer.is_global_zero:
-        _write_config(output, config)
+        _write_config(folder, config)
     return run
 
 
-def _write_config(output: Path, config: FitConfig) -> None:
-    (output / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+def _write_config(folder: RunFolder, config: FitConfig) -> None:
+    folder.config.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
 
 
-def _resumed_config(output: Path) -> dict[str, Any] | None:
-    """The config.yaml of the run a checkpoint in ``output`` resumes, if there is one."""
-    saved = output / "config.yaml"
-    if not ((output / CHECKPOINT_DIR / LAST_CHECKPOINT).is_file() and saved.is_file()):
+def _resumed_config(folder: RunFolder) -> dict[str, Any] | None:
+    """The config.yaml of the run a checkpoint in ``folder`` resumes, if there is one."""
+    saved = folder.config
+    if not (folder.last_checkpoint.is_file() and saved.is_file()):
         return None
     return yaml.safe_load(saved.read_text()) or {}
 
 
 def _check_budget_unchanged(
-    config: FitConfig, previous: dict[str, Any] | None, output: Path
+    config: FitConfig, previous: dict[str, Any] | None, folder: RunFolder
 ) -> None:
     """A budget run resumes only under its own budget: its schedule was planned for it."""
     budget = None if previous is None else previous.get("time_budget")
-    if budget is not None and budget != config.time_budget:
+    if budget is not None and budget != config.hparams.time_budget:
         raise ConfigError(
-            f"{output} trains to a time budget of {budget} min; rerun with --time-budget "
+            f"{folder.path} trains to a time budget of {budget} min; rerun with --time-budget "
             f"{budget}, or use a new --output"
         )
 
 
 def _resumed_plan(config: FitConfig, previous: dict[str, Any] | None) -> tuple[int, int] | None:
     """The epochs and steps per epoch that a resumed budget run planned when it started."""
-    if config.time_budget is None or previous is None:
+    if config.hparams.time_budget is None or previous is None:
         return None
     epochs, steps = previous.get("epochs"), previous.get("steps_per_epoch")
     return None if epochs is None or steps is None else (int(epochs), int(steps))
 
 
 def _budget_callbacks(
-    config: FitConfig, output: Path, plan: tuple[int, int] | None
+    config: FitConfig, folder: RunFolder, plan: tuple[int, int] | None
 ) -> list[Callback]:
     """A :class:`TimeBudget` for a budget run; it records its plan in ``config.yaml`` at once,
     so that a run killed before it ends resumes with that plan."""
-    if config.time_budget is None:
+    minutes = config.hparams.time_budget
+    if minutes is None:
         return []
 
     def record(epochs: int, steps: int) -> None:
-        _write_config(
-            output, config.model_copy(update={"epochs": epochs, "steps_per_epoch": steps})
-        )
+        _write_config(folder, _with_plan(config, epochs, steps))
 
-    return [TimeBudget(config.time_budget, plan=plan, on_plan=record)]
+    return [TimeBudget(minutes, plan=plan, on_plan=record)]
+
+
+def _with_plan(config: FitConfig, epochs: int | None, steps: Any) -> FitConfig:
+    """The config of a budget run with the schedule it planned."""
+    return config.with_hparams(epochs=epochs).model_copy(update={"steps_per_epoch": steps})
 
 
 def build_module(config: FitConfig, *, in_channels: int) -> BarlowTwinsModule:
     """The LightningModule of a config's hyperparameters."""
     module = BarlowTwinsModule(
-        backbone=config.backbone,
-        in_channels=in_channels,
-        image_size=config.image_size,
-        small_image=config.small_image,
-        zero_init_residual=config.zero_init_residual,
-        projector_dims=config.projector_dims,
-        lambda_param=config.lambda_param,
-        scale_loss=config.scale_loss,
-        mix_weight=config.mix_weight,
-        num_views=config.num_views,
-        seed=config.seed,
-        optimizer=config.optimizer,
-        lr_weights=config.lr_weights,
-        lr_biases=config.lr_biases,
-        weight_decay=config.weight_decay,
-        momentum=config.momentum,
-        lars_eta=config.lars_eta,
-        lars_clip_lr=config.lars_clip_lr,
-        warmup_epochs=config.warmup_epochs,
-        final_lr_factor=config.final_lr_factor,
-        batch_size=config.batch_size,
-        crop_scale=config.crop_scale,
-        translate=config.translate,
-        erase_prob=config.erase_prob,
-        solarize_prob=config.solarize_prob,
-        knn_k=config.knn_k,
+        config.hparams, in_channels=in_channels, seed=config.seed, knn_k=config.knn_k
     )
     if config.compile:
         module.model.compile()
@@ -253,9 +211,9 @@ def load_datasets(config: FitConfig) -> tuple[ImageDataset, ImageDataset | None]
     spec = config.data_spec
     # Fashion-MNIST is loaded at the view size; folders a little larger, for the crops.
     load_size = (
-        config.image_size
+        int(config.hparams.image_size)
         if spec.is_fashion_mnist
-        else round(config.image_size * _FOLDER_LOAD_SCALE)
+        else round(int(config.hparams.image_size) * _FOLDER_LOAD_SCALE)
     )
     common: dict[str, Any] = {"data_dir": config.data_dir, "download": config.download}
     train = load_data(
@@ -282,7 +240,7 @@ def load_datasets(config: FitConfig) -> tuple[ImageDataset, ImageDataset | None]
 
 
 def build_trainer(
-    config: FitConfig, output: Path, *, monitor: bool, callbacks: Sequence[Callback] = ()
+    config: FitConfig, folder: RunFolder, *, monitor: bool, callbacks: Sequence[Callback] = ()
 ) -> L.Trainer:
     """A Trainer with crash-safe checkpoints, exact batch-norm sync and our logs."""
     # last.ckpt is a checkpoint of its own, written after every epoch: Lightning's save_last
@@ -292,8 +250,8 @@ def build_trainer(
     # monitor and after the callbacks of that hook (TimeBudget's plan is in the checkpoint).
     checkpoints = [
         ModelCheckpoint(
-            dirpath=output / CHECKPOINT_DIR,
-            filename=Path(LAST_CHECKPOINT).stem,
+            dirpath=folder.checkpoints,
+            filename=folder.last_checkpoint.stem,
             save_top_k=1,
             save_on_train_epoch_end=True,
             enable_version_counter=False,
@@ -302,8 +260,8 @@ def build_trainer(
     if monitor:
         checkpoints.append(
             ModelCheckpoint(
-                dirpath=output / CHECKPOINT_DIR,
-                filename="best",
+                dirpath=folder.checkpoints,
+                filename=folder.best_checkpoint.stem,
                 monitor="val_knn_acc",
                 mode="max",
                 save_top_k=1,
@@ -316,34 +274,34 @@ def build_trainer(
     if ddp:
         plugins.append(GlobalBatchNormSync())
     return L.Trainer(
-        max_epochs=config.epochs,
+        max_epochs=int(config.hparams.epochs),
         limit_train_batches=config.steps_per_epoch,
         accelerator=config.accelerator,
         devices=config.devices,
         num_nodes=config.num_nodes,
         strategy="ddp" if ddp else "auto",
-        precision=config.precision,  # type: ignore[arg-type]
+        precision=config.hparams.precision,  # type: ignore[arg-type]
         plugins=plugins,
         callbacks=[
             *checkpoints,
-            PreemptionCheckpoint(output / CHECKPOINT_DIR / LAST_CHECKPOINT),
+            PreemptionCheckpoint(folder.last_checkpoint),
             RngStateCheckpoint(),
             ProgressBar(),
             *callbacks,
         ],
-        logger=_loggers(output),
+        logger=_loggers(folder),
         log_every_n_steps=10,
         num_sanity_val_steps=0,
-        default_root_dir=output,
+        default_root_dir=folder.path,
     )
 
 
-def finish(run: PreparedRun, *, started: float, training_minutes: float) -> dict[str, Any]:
+def finish(run: TrainingSetup, *, started: float, training_minutes: float) -> dict[str, Any]:
     """Export the encoder, score it, plot, and write ``results.json``; print the summary."""
-    config, output, module = run.config, run.output, run.module
-    merge_metrics(output)
-    info = EncoderInfo.from_hparams(dict(module.hparams))
-    save_encoder(module.backbone, info, output)
+    config, folder, module = run.config, run.folder, run.module
+    merge_metrics(folder)
+    info = EncoderInfo.from_hparams(module.hparams)
+    save_encoder(module.backbone, info, folder)
     results: dict[str, Any] = {
         "train_images": len(run.train),
         "skipped_images": run.train.num_skipped,
@@ -356,9 +314,9 @@ def finish(run: PreparedRun, *, started: float, training_minutes: float) -> dict
     device = run.trainer.strategy.root_device
     module.model.to(device)
     results["scored_on"] = str(device)
-    scores, test_features = None, None
+    accuracies, test_features = None, None
     if run.val is not None:
-        scores, test_features = score_encoders(
+        accuracies, test_features = score_encoders(
             module.backbone,
             info,
             run.train,
@@ -369,11 +327,11 @@ def finish(run: PreparedRun, *, started: float, training_minutes: float) -> dict
             precision=str(run.trainer.precision),
             device=device,
         )
-        results["knn"] = scores
+        results.update(accuracies.to_dict())
     if config.plots:
         results["plots"] = write_plots(
-            output,
-            scores=scores,
+            folder,
+            accuracies=accuracies,
             test_features=test_features,
             test=run.val,
             cross_correlation=_held_out_cross_correlation(module, run.val or run.train, device),
@@ -381,8 +339,13 @@ def finish(run: PreparedRun, *, started: float, training_minutes: float) -> dict
     results["minutes"] = round((time.perf_counter() - started) / 60, 2)
     # This invocation's trainer.fit only (a resumed run's earlier invocations not included).
     results["training_minutes"] = round(training_minutes, 2)
-    (output / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    _print_summary(results, output)
+    folder.results.write_text(json.dumps(results, indent=2) + "\n")
+    if accuracies is not None:
+        print("\n" + accuracies.table())
+    print(
+        f"\nwrote {folder.path}: backbone.pt, checkpoints/, metrics.csv, results.json"
+        + (", plots/" if results.get("plots") else "")
+    )
     return results
 
 
@@ -398,11 +361,13 @@ def _held_out_cross_correlation(
 
 
 def _check_resumable(last: Path, module: BarlowTwinsModule) -> None:
-    saved = safe_load(last).get("hyper_parameters") or {}
+    """Refuse to resume a checkpoint whose weights, optimiser state or schedule depend on a
+    value this run changed (the hyperparameters marked ``fixed_on_resume``, and the channels)."""
+    saved = checkpoint_values(safe_load(last).get("hyper_parameters") or {})
+    current = checkpoint_values(module.hparams)
+    fixed = (*Hyperparameters.fixed_on_resume(), "in_channels")
     changed = [
-        name
-        for name in _FIXED_ON_RESUME
-        if name in saved and _plain(saved[name]) != _plain(module.hparams[name])
+        name for name in fixed if name in saved and _plain(saved[name]) != _plain(current[name])
     ]
     if changed:
         raise ConfigError(
@@ -424,29 +389,33 @@ def _knn_bank(train: ImageDataset, config: FitConfig) -> ImageDataset:
     return train.subset(order[: config.knn_bank_size])
 
 
-def _loggers(output: Path) -> list[Logger]:
+def _loggers(folder: RunFolder) -> list[Logger]:
     # One CSV log per invocation (Lightning's CSVLogger deletes an existing metrics.csv);
-    # merge_metrics() joins them into output/metrics.csv.
-    runs = len(list((output / "logs").glob("run-*")))
-    loggers: list[Logger] = [CSVLogger(save_dir=output, name="logs", version=f"run-{runs:03d}")]
+    # merge_metrics() joins them into the run's metrics.csv.
+    runs = len(list(folder.logs.glob("run-*")))
+    loggers: list[Logger] = [
+        CSVLogger(save_dir=folder.path, name=folder.logs.name, version=f"run-{runs:03d}")
+    ]
     try:
         from lightning.pytorch.loggers import TensorBoardLogger
 
-        loggers.append(TensorBoardLogger(save_dir=output, name="tensorboard", version=""))
+        loggers.append(
+            TensorBoardLogger(save_dir=folder.path, name=folder.tensorboard.name, version="")
+        )
     except ModuleNotFoundError:
         pass
     return loggers
 
 
-def merge_metrics(output: Path) -> Path:
-    """Join the CSV logs of every invocation into ``output/metrics.csv``.
+def merge_metrics(folder: RunFolder) -> Path:
+    """Join the CSV logs of every invocation into the run's ``metrics.csv``.
 
     A resumed run restarts at its checkpoint's step, so rows that an interrupted run logged
     after that step are superseded by the resumed run's.
     """
     merged: list[dict[str, str]] = []
     columns: list[str] = []
-    for log in sorted((output / "logs").glob("run-*/metrics.csv")):
+    for log in sorted(folder.logs.glob("run-*/metrics.csv")):
         with open(log, newline="") as handle:
             rows = list(csv.DictReader(handle))
         if not rows:
@@ -454,28 +423,9 @@ def merge_metrics(output: Path) -> Path:
         first_step = int(rows[0]["step"])
         merged = [row for row in merged if int(row["step"]) < first_step] + rows
         columns += [key for key in rows[0] if key not in columns]
-    target = output / "metrics.csv"
+    target = folder.metrics
     with open(target, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=columns)
         writer.writeheader()
         writer.writerows(merged)
     return target
-
-
-def _print_summary(results: dict[str, Any], output: Path) -> None:
-    knn = results.get("knn")
-    if knn:
-        columns = list(knn["at_k"])
-        print(
-            f"\nTest kNN accuracy on {knn['test_images']} images (cosine similarity, "
-            f"temperature {knn['temperature']}, all {results['train_images']} training "
-            "images vote):"
-        )
-        print(" " * 15 + "".join(f"{'k=' + n:>9}" for n in columns))
-        for name in knn["at_k"][columns[0]]:
-            row = "".join(f"{knn['at_k'][n][name]:8.2f}%" for n in columns)
-            print(f"  {name:<13}{row}")
-    print(
-        f"\nwrote {output}: backbone.pt, checkpoints/, metrics.csv, results.json"
-        + (", plots/" if results.get("plots") else "")
-    )

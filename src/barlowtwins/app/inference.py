@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from barlowtwins.app.runs import LinearHead, fingerprint, load_run, save_head
 from barlowtwins.data import DataError, ImageDataset, load_data
+from barlowtwins.encoder import EncoderInfo, LinearHead
 from barlowtwins.evaluation import bank_device, extract_features, knn_accuracy, linear_probe
-from barlowtwins.training.checkpoint import EncoderInfo
+from barlowtwins.evaluation.results import TRAINED, Accuracies
+from barlowtwins.runs.loader import fingerprint, load_trained_encoder, save_head
 
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda")
 
@@ -76,9 +78,9 @@ def encode(
 ) -> tuple[torch.Tensor, ImageDataset]:
     """Backbone features (N x F, float32) of every image of ``data``, and the dataset.
 
-    ``checkpoint`` is anything :func:`barlowtwins.app.runs.load_run` reads.
+    ``checkpoint`` is anything :func:`barlowtwins.runs.loader.load_trained_encoder` reads.
     """
-    run = load_run(checkpoint)
+    run = load_trained_encoder(checkpoint)
     backbone, info = run.encoder(), run.info
     target = resolve_device(accelerator)
     dataset = _load(data, info, **data_options)
@@ -99,11 +101,11 @@ def evaluate_encoder(
     batch_size: int = 512,
     accelerator: str | None = None,
     **data_options: Any,
-) -> dict[str, Any]:
+) -> Accuracies:
     """kNN (and optionally linear-probe) test accuracy of a frozen pretrained encoder.
 
     Args:
-        checkpoint: Anything :func:`barlowtwins.app.runs.load_run` reads.
+        checkpoint: Anything :func:`barlowtwins.runs.loader.load_trained_encoder` reads.
         train: Labelled data the kNN bank and the probe are fitted on.
         test: Labelled data they are scored on.
         knn_k: Neighbours of the weighted kNN vote.
@@ -119,12 +121,12 @@ def evaluate_encoder(
         **data_options: Passed to :func:`barlowtwins.data.load_data`.
 
     Returns:
-        Image counts and accuracies (percent).
+        The accuracies, in the shape ``fit`` writes too.
     """
-    run = load_run(checkpoint)
+    run = load_trained_encoder(checkpoint)
     if save_linear_head and not linear:
         raise ValueError("--save-head saves the linear probe's head: add --linear")
-    if save_linear_head and run.directory is None:
+    if save_linear_head and run.folder is None:
         raise ValueError(f"--save-head needs a run folder to save into; {checkpoint} is in none")
     backbone, info = run.encoder(), run.info
     target = resolve_device(accelerator)
@@ -138,20 +140,23 @@ def evaluate_encoder(
     train_features = _features(backbone, info, train_data, batch_size, target)
     test_features = _features(backbone, info, test_data, batch_size, target)
     num_classes = int(max(train_data.labels.max(), test_data.labels.max())) + 1
-    results: dict[str, Any] = {
-        "train images": len(train_data),
-        "test images": len(test_data),
-        f"knn top-1 % (k={knn_k})": knn_accuracy(
-            train_features,
-            train_data.labels,
-            test_features,
-            test_data.labels,
-            num_classes=num_classes,
-            k=knn_k,
-            temperature=knn_temperature,
-            device=target,
-        ),
-    }
+    knn = knn_accuracy(
+        train_features,
+        train_data.labels,
+        test_features,
+        test_data.labels,
+        num_classes=num_classes,
+        k=knn_k,
+        temperature=knn_temperature,
+        device=target,
+    )
+    accuracies = Accuracies(
+        train_images=len(train_data),
+        test_images=len(test_data),
+        knn_k=knn_k,
+        knn_temperature=knn_temperature,
+        knn={str(knn_k): {TRAINED: knn}},
+    )
     if linear:
         # The probe trains where its features fit.
         where = bank_device(train_features, target)
@@ -163,9 +168,13 @@ def evaluate_encoder(
             num_classes=num_classes,
             epochs=linear_epochs,
         )
-        results["linear probe top-1 %"] = probe.test_accuracy
+        accuracies = replace(
+            accuracies,
+            linear_probe={TRAINED: probe.test_accuracy},
+            linear_probe_epochs=linear_epochs,
+        )
         if save_linear_head:
-            assert run.directory is not None  # checked above, before the work
+            assert run.folder is not None  # checked above, before the work
             head = LinearHead(
                 weight=probe.classifier.weight.detach().cpu(),
                 bias=probe.classifier.bias.detach().cpu(),
@@ -184,5 +193,5 @@ def evaluate_encoder(
                     "with cosine decay to 0",
                 },
             }
-            save_head(run.directory, head, {"results": results, "protocol": protocol})
-    return results
+            save_head(run.folder, head, {"results": accuracies.to_dict(), "protocol": protocol})
+    return accuracies

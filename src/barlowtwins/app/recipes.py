@@ -1,9 +1,11 @@
 """Published Barlow Twins recipes as named presets: the one place where defaults live.
 
-A :class:`Recipe` is a complete set of training hyperparameters (model, projector, loss,
-optimiser, schedule, batch, epochs, views, precision) with its source and the result the
-source published. ``barlowtwins fit`` starts from a recipe and applies the user's overrides;
-``barlowtwins recipes`` lists them. The library's classes keep their own (paper) defaults.
+A :class:`Recipe` is a complete, typed set of hyperparameters
+(:class:`~barlowtwins.hparams.Hyperparameters`) with its source and the result the source
+published. The ``paper`` recipe is the class's defaults; every other recipe is
+``dataclasses.replace`` of a base with only what differs (as timm registers model variants).
+``barlowtwins fit`` starts from a recipe and applies the user's overrides; ``barlowtwins
+recipes`` lists them. The library's classes keep their own (paper) defaults.
 
 Values a recipe leaves as ``"auto"`` are chosen from the data by the recipe's ``adapt``
 function (see :func:`folder_values`) or, for the precision, from the hardware.
@@ -11,46 +13,12 @@ function (see :func:`folder_values`) or, for the precision, from the hardware.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
-from types import MappingProxyType
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from barlowtwins.data.spec import DataSummary
-from barlowtwins.views.view_config import PAPER_SOLARIZE_PROB
-
-AUTO = "auto"
-
-#: Every hyperparameter a recipe sets; ``fit`` options outside this list describe the run
-#: (data, output, devices, seed, ...) rather than the method.
-HYPERPARAMETERS: tuple[str, ...] = (
-    "backbone",
-    "small_image",
-    "zero_init_residual",
-    "projector_dims",
-    "lambda_param",
-    "scale_loss",
-    "mix_weight",
-    "num_views",
-    "optimizer",
-    "lr_weights",
-    "lr_biases",
-    "weight_decay",
-    "momentum",
-    "lars_eta",
-    "lars_clip_lr",
-    "warmup_epochs",
-    "final_lr_factor",
-    "epochs",
-    "time_budget",
-    "batch_size",
-    "image_size",
-    "crop_scale",
-    "translate",
-    "erase_prob",
-    "solarize_prob",
-    "precision",
-)
+from barlowtwins.hparams import AUTO, Hyperparameters
 
 
 @dataclass(frozen=True)
@@ -63,8 +31,7 @@ class Recipe:
         source: Where every value comes from (paper section or file).
         published: The result its source reports.
         measured: What we measured with it here, or why it was not reproduced here.
-        values: One value for each name in :data:`HYPERPARAMETERS` (``"auto"`` where
-            ``adapt`` or the hardware decides).
+        hparams: Every hyperparameter (``"auto"`` where ``adapt`` or the hardware decides).
         data: The built-in dataset it trains on when no ``--data`` is given (None: the
             user must point ``--data`` at their copy).
         adapt: Fills in the ``"auto"`` values from a summary of the training data.
@@ -75,23 +42,19 @@ class Recipe:
     source: str
     published: str
     measured: str
-    values: Mapping[str, Any]
+    hparams: Hyperparameters
     data: str | None = None
     adapt: Callable[[DataSummary], dict[str, Any]] | None = field(default=None, repr=False)
 
-    def __post_init__(self) -> None:
-        missing = sorted(set(HYPERPARAMETERS) - set(self.values))
-        extra = sorted(set(self.values) - set(HYPERPARAMETERS))
-        if missing or extra:
-            raise ValueError(f"recipe {self.name}: missing {missing}, unknown {extra}")
-        object.__setattr__(self, "values", MappingProxyType(dict(self.values)))
-
-    def resolved(self, summary: DataSummary | None) -> dict[str, Any]:
-        """The values with ``"auto"`` filled in from the data where the recipe adapts to it."""
-        values = dict(self.values)
-        if self.adapt is not None and summary is not None:
-            values.update({k: v for k, v in self.adapt(summary).items() if values.get(k) == AUTO})
-        return values
+    def resolved(self, summary: DataSummary | None) -> Hyperparameters:
+        """The hyperparameters with ``"auto"`` filled in from the data where the recipe adapts
+        to it."""
+        if self.adapt is None or summary is None:
+            return self.hparams
+        pending = set(self.hparams.unresolved())
+        return self.hparams.replace(
+            **{k: v for k, v in self.adapt(summary).items() if k in pending}
+        )
 
 
 # Folder views by the images' median shorter side: (largest side, view size). Larger images
@@ -141,30 +104,25 @@ def folder_values(summary: DataSummary) -> dict[str, Any]:
 
 _NOT_REPRODUCED = "published, not reproduced here (no GPU and no such dataset offline)"
 
-_SOLO_LEARN = {
-    "backbone": "resnet18",
-    "zero_init_residual": False,
-    "projector_dims": (2048, 2048, 2048),
-    "lambda_param": 0.0051,
-    "scale_loss": 0.1,
-    "mix_weight": 0.0,
-    "num_views": 2,
-    "optimizer": "lars",
-    "lr_weights": 0.3,
-    "lr_biases": 0.3,
-    "weight_decay": 1e-4,
-    "momentum": 0.9,
-    "lars_eta": 0.02,
-    "lars_clip_lr": True,
-    "warmup_epochs": 10,
-    "final_lr_factor": 0.0,
-    "time_budget": None,
-    "crop_scale": (0.08, 1.0),
-    "translate": 0.0,
-    "erase_prob": 0.0,
-    "solarize_prob": PAPER_SOLARIZE_PROB,
-    "precision": AUTO,
-}
+#: The hyperparameters of the paper's run (ImageNet, ResNet-50, global batch 2048), which are
+#: the class's defaults.
+PAPER = Hyperparameters()
+#: solo-learn's Barlow Twins recipe for CIFAR and ImageNet-100
+#: (``scripts/pretrain/*/barlow.yaml`` with ``augmentations/asymmetric.yaml``), before its
+#: per-dataset values.
+SOLO_LEARN = replace(
+    PAPER,
+    backbone="resnet18",
+    zero_init_residual=False,
+    projector_dims=(2048, 2048, 2048),
+    scale_loss=0.1,
+    lr_weights=0.3,
+    lr_biases=0.3,
+    weight_decay=1e-4,
+    lars_eta=0.02,
+    lars_clip_lr=True,
+    final_lr_factor=0.0,
+)
 
 RECIPES: dict[str, Recipe] = {
     recipe.name: recipe
@@ -180,38 +138,23 @@ RECIPES: dict[str, Recipe] = {
                 "86.96 % / 85.77 % / 88.21 % in 15.1 min on a 2-core AVX2 CPU (float32)"
             ),
             data="fashion-mnist",
-            values={
-                "backbone": "resnet10",
-                "small_image": False,
-                "zero_init_residual": False,
-                "projector_dims": (1024, 1024, 1024),
-                # 0.01 beat 0.005, 0.02 and 1/D = 0.001 in 5-epoch runs (benchmarks/README.md,
-                # session 6).
-                "lambda_param": 0.01,
-                "scale_loss": 1.0,
-                "mix_weight": 0.0,
-                "num_views": 2,
-                "optimizer": "lars",
-                "lr_weights": 3.0,
-                "lr_biases": 0.0144,
-                "weight_decay": 1.5e-6,
-                "momentum": 0.9,
-                "lars_eta": 0.001,
-                "lars_clip_lr": False,
-                "warmup_epochs": 0.2,
-                "final_lr_factor": 0.001,
-                "epochs": 5,
-                "time_budget": None,
-                "batch_size": 512,
-                "image_size": 28,
+            hparams=replace(
+                PAPER,
+                backbone="resnet10",
+                zero_init_residual=False,
+                projector_dims=(1024, 1024, 1024),
+                # 0.01 beat 0.005, 0.02 and 1/D = 0.001 in 5-epoch runs (benchmarks/README.md).
+                lambda_param=0.01,
+                lr_weights=3.0,
+                lr_biases=0.0144,
+                warmup_epochs=0.2,
+                epochs=5,
+                batch_size=512,
+                image_size=28,
                 # Fashion-MNIST's objects are centred and fill the frame: in short runs
-                # random crops only slowed learning down (README, session 2's table).
-                "crop_scale": (1.0, 1.0),
-                "translate": 0.0,
-                "erase_prob": 0.0,
-                "solarize_prob": PAPER_SOLARIZE_PROB,
-                "precision": AUTO,
-            },
+                # random crops only slowed learning down (README, the crop table).
+                crop_scale=(1.0, 1.0),
+            ),
         ),
         Recipe(
             name="folder",
@@ -223,14 +166,14 @@ RECIPES: dict[str, Recipe] = {
             ),
             published="none",
             measured="not measured: depends on the folder",
-            values={
-                **_SOLO_LEARN,
-                "small_image": AUTO,
-                "epochs": AUTO,
-                "batch_size": AUTO,
-                "image_size": AUTO,
-                "warmup_epochs": AUTO,
-            },
+            hparams=replace(
+                SOLO_LEARN,
+                small_image=AUTO,
+                epochs=AUTO,
+                batch_size=AUTO,
+                image_size=AUTO,
+                warmup_epochs=AUTO,
+            ),
             adapt=folder_values,
         ),
         Recipe(
@@ -242,36 +185,7 @@ RECIPES: dict[str, Recipe] = {
             ),
             published="73.2 % ImageNet linear top-1",
             measured=_NOT_REPRODUCED,
-            values={
-                "backbone": "resnet50",
-                "small_image": False,
-                "zero_init_residual": True,
-                "projector_dims": (8192, 8192, 8192),
-                "lambda_param": 0.0051,
-                "scale_loss": 1.0,
-                "mix_weight": 0.0,
-                "num_views": 2,
-                "optimizer": "lars",
-                "lr_weights": 0.2,
-                "lr_biases": 0.0048,
-                # The paper's text (§4); its released main.py defaults to 1e-6.
-                "weight_decay": 1.5e-6,
-                "momentum": 0.9,
-                "lars_eta": 0.001,
-                "lars_clip_lr": False,
-                "warmup_epochs": 10,
-                "final_lr_factor": 0.001,
-                "epochs": 1000,
-                "time_budget": None,
-                # The global batch: N devices take 2048 / N each.
-                "batch_size": 2048,
-                "image_size": 224,
-                "crop_scale": (0.08, 1.0),
-                "translate": 0.0,
-                "erase_prob": 0.0,
-                "solarize_prob": PAPER_SOLARIZE_PROB,
-                "precision": AUTO,
-            },
+            hparams=PAPER,
         ),
         Recipe(
             name="cifar10",
@@ -279,13 +193,7 @@ RECIPES: dict[str, Recipe] = {
             source="solo-learn scripts/pretrain/cifar/barlow.yaml (+ augmentations/asymmetric)",
             published="92.1 % CIFAR-10 linear top-1 (solo-learn model zoo)",
             measured=_NOT_REPRODUCED,
-            values={
-                **_SOLO_LEARN,
-                "small_image": True,
-                "epochs": 1000,
-                "batch_size": 256,
-                "image_size": 32,
-            },
+            hparams=replace(SOLO_LEARN, small_image=True, batch_size=256, image_size=32),
         ),
         Recipe(
             name="imagenet100",
@@ -295,14 +203,8 @@ RECIPES: dict[str, Recipe] = {
             ),
             published="80.4 % ImageNet-100 linear top-1 (solo-learn model zoo)",
             measured=_NOT_REPRODUCED,
-            values={
-                **_SOLO_LEARN,
-                "small_image": False,
-                "epochs": 400,
-                # solo-learn: 128 on each of 2 GPUs; one process here takes the global 256.
-                "batch_size": 256,
-                "image_size": 224,
-            },
+            # solo-learn: 128 on each of 2 GPUs, the global batch 256.
+            hparams=replace(SOLO_LEARN, epochs=400, batch_size=256),
         ),
     )
 }

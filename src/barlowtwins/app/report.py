@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -12,9 +11,11 @@ from torch import nn
 
 from barlowtwins.backbones import build_backbone
 from barlowtwins.data import ImageDataset, InMemoryImages
+from barlowtwins.encoder import EncoderInfo
 from barlowtwins.evaluation import extract_features, knn_accuracy, raw_pixel_features
+from barlowtwins.evaluation.results import TRAINED, Accuracies
 from barlowtwins.precision import cpu_name
-from barlowtwins.training.checkpoint import EncoderInfo
+from barlowtwins.runs.folder import RunFolder
 
 _log = logging.getLogger("barlowtwins")
 
@@ -34,7 +35,7 @@ def score_encoders(
     seed: int = 0,
     precision: str = "32",
     device: torch.device | None = None,
-) -> tuple[dict[str, Any], torch.Tensor]:
+) -> tuple[Accuracies, torch.Tensor]:
     """Test kNN accuracy of the trained encoder, the same encoder at random init, and pixels.
 
     All three use the same protocol: the whole ``train`` set votes (weighted kNN, cosine
@@ -42,9 +43,7 @@ def score_encoders(
     backbone is), one batch at a time, and the votes are counted there while the bank fits.
 
     Returns:
-        The accuracies (percent) at ``k`` with the protocol, the accuracies at ``k`` and every
-        ``more_k`` under ``"at_k"`` (keyed by the decimal ``k``), and the trained encoder's
-        test features.
+        The accuracies at ``k`` and every ``more_k``, and the trained encoder's test features.
     """
     assert train.labels is not None and test.labels is not None
     device = next(backbone.parameters()).device if device is None else device
@@ -80,7 +79,7 @@ def score_encoders(
             )
 
     test_features = features(backbone, test)
-    score("barlow twins", features(backbone, train), test_features)
+    score(TRAINED, features(backbone, train), test_features)
     torch.manual_seed(seed)
     random_init, _ = build_backbone(
         info.backbone, in_channels=info.in_channels, small_image=info.small_image
@@ -90,39 +89,39 @@ def score_encoders(
     score("random init", features(random_init, train), features(random_init, test))
     if isinstance(train, InMemoryImages) and isinstance(test, InMemoryImages):
         score("raw pixels", raw_pixel_features(train.images), raw_pixel_features(test.images))
-    scores: dict[str, Any] = {"k": k, "temperature": temperature, "test_images": len(test)}
-    scores.update(at_k[str(k)])
-    scores["at_k"] = at_k
-    return scores, test_features
+    accuracies = Accuracies(
+        train_images=len(train),
+        test_images=len(test),
+        knn_k=k,
+        knn_temperature=temperature,
+        knn=at_k,
+    )
+    return accuracies, test_features
 
 
 def write_plots(
-    output: Path,
+    folder: RunFolder,
     *,
-    scores: dict[str, Any] | None,
+    accuracies: Accuracies | None,
     test_features: torch.Tensor | None,
     test: ImageDataset | None,
     cross_correlation: torch.Tensor | None,
 ) -> list[str]:
-    """Write the PNGs of a run into ``output/plots``; returns their names.
+    """Write the PNGs of a run into its ``plots/``; returns their names.
 
     A plot that cannot be drawn (e.g. no kNN monitor ran) is skipped with a log line: plots
     never fail a finished training run.
     """
     from barlowtwins.evaluation import plots
 
-    directory = output / "plots"
+    directory = folder.plots
     directory.mkdir(exist_ok=True)
-    metrics = output / "metrics.csv"
+    metrics = folder.metrics
     # The monitor's bank is a sample of the training set; the final scores let all training
     # images vote, so they are drawn as references rather than joined to the curve.
     baselines = (
-        {
-            f"{name}, final": scores[name]
-            for name in ("barlow twins", "random init", "raw pixels")
-            if name in scores
-        }
-        if scores
+        {f"{name}, final": value for name, value in accuracies.knn[str(accuracies.knn_k)].items()}
+        if accuracies
         else None
     )
     embedding_dim = None if cross_correlation is None else int(cross_correlation.shape[0])

@@ -1,4 +1,5 @@
-"""Exact cross-process statistics: differentiable sums and a batch norm over the global batch.
+"""Exact cross-process statistics: differentiable sums and gathers, a batch norm over the global
+batch.
 
 Every rank of a data-parallel run computes the *same* global loss ``L``. An autograd-aware
 ``all_reduce`` sums the gradients of all ranks' copies in its backward pass, so each rank
@@ -9,6 +10,9 @@ only ``dL/dx`` and DDP's average silently divides the gradient by ``W``.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -21,6 +25,11 @@ def world_size() -> int:
     if dist.is_available() and dist.is_initialized():
         return dist.get_world_size()
     return 1
+
+
+def global_rank() -> int:
+    """Index of this process in the default group, or 0 when not running distributed."""
+    return dist.get_rank() if world_size() > 1 else 0
 
 
 def global_sum(tensor: Tensor) -> Tensor:
@@ -36,6 +45,26 @@ def global_sum(tensor: Tensor) -> Tensor:
     if world_size() == 1:
         return tensor
     return _SumOverRanks.apply(tensor)
+
+
+def sum_over_ranks_if(gather: bool) -> Callable[[Tensor], Tensor]:
+    """:func:`global_sum` if ``gather``, else the identity: how a per-rank quantity is totalled.
+
+    For code that takes statistics over the global batch only on request (a loss's
+    ``gather_distributed``) and otherwise over this rank's shard alone, also when a process
+    group exists.
+
+    Args:
+        gather: Sum over all ranks.
+
+    Returns:
+        :func:`global_sum`, or a function that returns its argument unchanged.
+    """
+    return global_sum if gather else _unchanged
+
+
+def _unchanged(tensor: Tensor) -> Tensor:
+    return tensor
 
 
 class DistributedJobError(RuntimeError):
@@ -69,6 +98,62 @@ def global_count(local_count: int, device: torch.device) -> int:
     count = torch.tensor([local_count], device=device, dtype=torch.long)
     dist.all_reduce(count)
     return int(count.item())
+
+
+def shard_sizes(local_size: int, device: torch.device) -> list[int]:
+    """Every rank's size of a batch whose shards may differ in size, in rank order.
+
+    Args:
+        local_size: The size of this rank's shard.
+        device: Where the collective's buffers live (the process group backend's device).
+
+    Returns:
+        One size per rank; ``[local_size]`` when not running distributed.
+    """
+    if world_size() == 1:
+        return [local_size]
+    counts = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(world_size())]
+    dist.all_gather(counts, torch.tensor([local_size], dtype=torch.long, device=device))
+    return [int(count.item()) for count in counts]
+
+
+def gather_rows(x: Tensor, sizes: list[int]) -> Tensor:
+    """All ranks' ``x`` concatenated along the first dimension in rank order, differentiably.
+
+    Shards may differ in their first size (they are padded to the largest for the all-gather).
+    Every rank holds the same global loss, so the backward pass gives each rank the sum over
+    ranks of the gradients of its own rows, as :func:`global_sum` does.
+
+    Args:
+        x: This rank's shard, (sizes[rank], ...); the other dimensions equal on every rank.
+        sizes: Every rank's first size, in rank order (:func:`shard_sizes`).
+
+    Returns:
+        The global batch, (sum(sizes), ...); ``x`` itself when not running distributed.
+    """
+    if world_size() == 1:
+        return x
+    return _GatherRows.apply(x, sizes)
+
+
+class _GatherRows(torch.autograd.Function):
+    """All-gather of shards of different sizes whose backward returns each rank its rows' sum."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, sizes: list[int]) -> Tensor:  # type: ignore[override]
+        ctx.sizes, ctx.rank = sizes, dist.get_rank()
+        padded = x.new_zeros((max(sizes), *x.shape[1:]))
+        padded[: x.size(0)] = x
+        shards = [torch.empty_like(padded) for _ in sizes]
+        dist.all_gather(shards, padded)
+        return torch.cat([shard[:size] for shard, size in zip(shards, sizes, strict=True)])
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        total = grad.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(total)
+        start = sum(ctx.sizes[: ctx.rank])
+        return total[start : start + ctx.sizes[ctx.rank]], None
 
 
 class GlobalBatchNorm(_BatchNorm):
@@ -187,9 +272,13 @@ __all__ = [
     "DistributedJobError",
     "GlobalBatchNorm",
     "convert_to_global_batchnorm",
+    "gather_rows",
     "global_count",
+    "global_rank",
     "global_sum",
     "revert_global_batchnorm",
+    "shard_sizes",
+    "sum_over_ranks_if",
     "sync_batchnorm",
     "world_size",
 ]

@@ -29,8 +29,14 @@ from barlowtwins.health import (
     diagnose,
     effective_rank,
 )
-from barlowtwins.nn.distributed import revert_global_batchnorm, sync_batchnorm, world_size
-from barlowtwins.training.checkpoint import atomic_write, safe_load
+from barlowtwins.hparams import Hyperparameters
+from barlowtwins.nn.distributed import (
+    global_rank,
+    revert_global_batchnorm,
+    sync_batchnorm,
+    world_size,
+)
+from barlowtwins.runs.files import atomic_write, safe_load
 
 _log = logging.getLogger("barlowtwins")
 
@@ -126,7 +132,7 @@ class RngStateCheckpoint(Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         ranks = state_dict.get("ranks") or [state_dict]
-        rank = dist.get_rank() if world_size() > 1 else 0
+        rank = global_rank()
         state = ranks[rank] if rank < len(ranks) else ranks[0]
         torch.set_rng_state(state["torch"])
         random.setstate(state["python"])
@@ -287,10 +293,11 @@ class TrainingHealth(Callback):
         if self._held_out is not None:
             rank = self._rank(trainer, pl_module)
             pl_module.log(EFFECTIVE_RANK, rank, prog_bar=True, rank_zero_only=True)
+        method: Hyperparameters = getattr(pl_module, "hyperparameters")  # noqa: B009
         problems = diagnose(
             EpochHealth(
-                num_features=int(pl_module.hparams.projector_dims[-1]),
-                lambda_param=float(pl_module.hparams.lambda_param),
+                num_features=int(method.projector_dims[-1]),
+                lambda_param=float(method.lambda_param),
                 steps=trainer.global_step,
                 initial_invariance=self.initial_invariance,
                 invariance=invariance,

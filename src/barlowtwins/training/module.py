@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import lightning as L
@@ -14,6 +14,7 @@ from torchvision.models import ResNet
 
 from barlowtwins.evaluation import knn_accuracy
 from barlowtwins.health import loss_terms, step_metrics
+from barlowtwins.hparams import Hyperparameters
 from barlowtwins.loss import BarlowTwinsLoss, NonFiniteLossError, multi_view_loss
 from barlowtwins.mixed_loss import MixedBarlowTwinsLoss, MixUp
 from barlowtwins.model import BarlowTwins
@@ -24,7 +25,6 @@ from barlowtwins.training.callbacks import TrainingClock, TrainingHealth
 from barlowtwins.views.batched import BatchedBarlowTwinsAugment
 from barlowtwins.views.eval_view import prepare_images
 from barlowtwins.views.view_config import (
-    PAPER_SOLARIZE_PROB,
     barlow_twins_views,
     resolve_normalization,
 )
@@ -63,8 +63,10 @@ class BarlowTwinsModule(L.LightningModule):
     repeated to even out the shards are dropped, so the monitor scores exactly the images one
     process would.
 
-    The defaults are the paper's (the ``paper`` recipe of :mod:`barlowtwins.app.recipes`,
-    which a test keeps equal); ``barlowtwins fit`` passes a recipe's values instead.
+    The hyperparameters come as one :class:`~barlowtwins.hparams.Hyperparameters` (by default
+    the paper's: the ``paper`` recipe of :mod:`barlowtwins.app.recipes`); ``barlowtwins fit``
+    passes a recipe's. The checkpoint stores them with the module's own arguments
+    (``save_hyperparameters``), so ``BarlowTwinsModule.load_from_checkpoint`` rebuilds it.
 
     Every step also logs the loss's two terms, the loss per feature and the spread of the
     embeddings (:func:`barlowtwins.health.step_metrics`); the
@@ -74,39 +76,20 @@ class BarlowTwinsModule(L.LightningModule):
     training per epoch.
 
     Args:
-        backbone: Backbone name (see :func:`barlowtwins.backbones.build_backbone`).
+        hparams: The method's hyperparameters, resolved (no ``"auto"``), or their
+            :meth:`~barlowtwins.hparams.Hyperparameters.to_dict` (default: the paper's).
+            Among them: ``batch_size`` is the global batch over all processes (the paper's
+            2048), which sets the learning rate (``base x batch_size / 256``); each of W
+            processes must be fed ``batch_size / W`` images a step, as
+            :class:`~barlowtwins.training.datamodule.BarlowTwinsDataModule` does.
+            ``mix_weight`` > 0 trains Mixed Barlow Twins (Bandara et al. 2023, arXiv
+            2312.02151; :class:`~barlowtwins.mixed_loss.MixedBarlowTwinsLoss`), each step then
+            also embedding a mixup of the two views. ``num_views`` > 2 takes the mean loss over
+            every pair (:func:`~barlowtwins.loss.multi_view_loss`), the views alternating
+            between the paper's first and second.
         in_channels: Image channels (1 or 3).
-        image_size: Side of the augmented square views.
-        small_image: CIFAR-style stem for images of at most 64 px.
-        zero_init_residual: Zero-initialise the last batch norm of each residual branch.
-        projector_dims: Projector sizes; the paper uses (8192, 8192, 8192).
-        lambda_param: Off-diagonal weight of the loss.
-        scale_loss: Factor of the whole loss (solo-learn's recipes use 0.1).
-        mix_weight: Weight of Mixed Barlow Twins' regulariser (Bandara et al. 2023,
-            arXiv 2312.02151; :class:`~barlowtwins.mixed_loss.MixedBarlowTwinsLoss`); 0 trains
-            plain Barlow Twins. Each step then also embeds a mixup of the two views.
         seed: Seed of the views (one stream per rank and step, :func:`view_seed`) and of
             Mixed Barlow Twins' mixup (one stream per step, shared by the ranks).
-        num_views: Augmented views per image (paper: 2); the loss is the mean over every
-            pair (:func:`~barlowtwins.loss.multi_view_loss`). Views alternate between the
-            paper's first and second view. Each view costs one forward and backward pass.
-        optimizer: "lars" (the paper's), "sgd" or "adamw".
-        lr_weights: Base learning rate of weights (scaled by global batch / 256 for LARS/SGD).
-        lr_biases: Base learning rate of biases and norm parameters.
-        weight_decay: Weight decay of weights (biases and norms have none).
-        momentum: Momentum (Adam's ``beta1`` for "adamw").
-        lars_eta: LARS trust coefficient.
-        lars_clip_lr: Clip LARS's trust ratio at ``1 / lr``.
-        warmup_epochs: Linear warm-up before the cosine decay.
-        final_lr_factor: The cosine decay ends at this fraction of the learning rate.
-        batch_size: The global batch over all processes (the paper's 2048), which sets the
-            learning rate (``base x batch_size / 256``); each of W processes must be fed
-            ``batch_size / W`` images a step, as
-            :class:`~barlowtwins.training.datamodule.BarlowTwinsDataModule` does.
-        crop_scale: Random-resized-crop area range of both views (paper: 0.08-1).
-        translate: Largest shift of both views as a fraction of their side (paper: 0).
-        erase_prob: Probability of random erasing in both views (paper: 0).
-        solarize_prob: Probability of solarisation in view A and in view B (paper: 0, 0.2).
         mean: Normalisation mean per channel (default: ImageNet / grey).
         std: Normalisation std per channel.
         gather_distributed: Global-batch loss across processes.
@@ -115,35 +98,17 @@ class BarlowTwinsModule(L.LightningModule):
             weight gradient of :class:`~barlowtwins.nn.convolution.SmallOutputConv2d`.
         knn_k: Neighbours of the kNN monitor.
         knn_temperature: Temperature of the kNN votes.
+
+    Raises:
+        ValueError: If a hyperparameter is still ``"auto"``.
     """
 
     def __init__(
         self,
-        backbone: str = "resnet50",
+        hparams: Hyperparameters | Mapping[str, Any] | None = None,
+        *,
         in_channels: int = 3,
-        image_size: int = 224,
-        small_image: bool = False,
-        zero_init_residual: bool = True,
-        projector_dims: tuple[int, ...] = (8192, 8192, 8192),
-        lambda_param: float = 0.0051,
-        scale_loss: float = 1.0,
-        mix_weight: float = 0.0,
         seed: int = 0,
-        num_views: int = 2,
-        optimizer: str = "lars",
-        lr_weights: float = 0.2,
-        lr_biases: float = 0.0048,
-        weight_decay: float = 1.5e-6,
-        momentum: float = 0.9,
-        lars_eta: float = 0.001,
-        lars_clip_lr: bool = False,
-        warmup_epochs: float = 10,
-        final_lr_factor: float = 0.001,
-        batch_size: int = 2048,
-        crop_scale: tuple[float, float] | None = (0.08, 1.0),
-        translate: float = 0.0,
-        erase_prob: float = 0.0,
-        solarize_prob: tuple[float, float] = PAPER_SOLARIZE_PROB,
         mean: tuple[float, ...] | None = None,
         std: tuple[float, ...] | None = None,
         gather_distributed: bool = True,
@@ -153,40 +118,69 @@ class BarlowTwinsModule(L.LightningModule):
         knn_temperature: float = 0.1,
     ) -> None:
         super().__init__()
-        if num_views < 2:
-            raise ValueError(f"num_views must be at least 2, got {num_views}")
-        if num_views > 2 and mix_weight > 0:
-            raise ValueError("Mixed Barlow Twins (mix_weight > 0) takes exactly two views")
-        self.save_hyperparameters()
+        if hparams is None:
+            method = Hyperparameters()
+        elif isinstance(hparams, Hyperparameters):
+            method = hparams
+        else:
+            method = Hyperparameters.from_dict(hparams)
+        # The precision is the Trainer's to run; everything else shapes the model or its views.
+        unresolved = [name for name in method.unresolved() if name != "precision"]
+        if unresolved:
+            raise ValueError(f"resolve the hyperparameters first: {unresolved} are auto")
+        #: The method's hyperparameters (Lightning's ``hparams`` is their plain, saved form).
+        self.hyperparameters = method
+        self.in_channels, self.seed = in_channels, seed
+        self.knn_k, self.knn_temperature = knn_k, knn_temperature
+        self.cpu_convolutions = cpu_convolutions
+        # Plain values only: a checkpoint must load with torch.load(weights_only=True).
+        self.save_hyperparameters(
+            {
+                "hparams": method.to_dict(),
+                "in_channels": in_channels,
+                "seed": seed,
+                "mean": mean,
+                "std": std,
+                "gather_distributed": gather_distributed,
+                "channels_last": channels_last,
+                "cpu_convolutions": cpu_convolutions,
+                "knn_k": knn_k,
+                "knn_temperature": knn_temperature,
+            }
+        )
         self.model = BarlowTwins.from_name(
-            backbone,
+            method.backbone,
             in_channels=in_channels,
-            small_image=small_image,
-            projector_dims=tuple(projector_dims),
-            zero_init_residual=zero_init_residual,
+            small_image=bool(method.small_image),
+            projector_dims=method.projector_dims,
+            zero_init_residual=method.zero_init_residual,
         )
         self.mean, self.std = resolve_normalization(in_channels, mean, std)
+        image_size = int(method.image_size)
         view_a, view_b = barlow_twins_views(
             image_size,
             in_channels,
-            crop_scale=crop_scale,
-            translate=translate,
-            erase_prob=erase_prob,
-            solarize_prob=solarize_prob,
+            crop_scale=method.crop_scale,
+            translate=method.translate,
+            erase_prob=method.erase_prob,
+            solarize_prob=method.solarize_prob,
         )
         self.augment = BatchedBarlowTwinsAugment(
             image_size, in_channels, view_a, view_b, mean=self.mean, std=self.std
         )
         self.criterion = BarlowTwinsLoss(
-            lambda_param, gather_distributed=gather_distributed, scale_loss=scale_loss
+            method.lambda_param, gather_distributed=gather_distributed, scale_loss=method.scale_loss
         )
-        self.mixup = MixUp(seed, gather_distributed) if mix_weight > 0 else None
-        self.mixed_criterion = MixedBarlowTwinsLoss(
-            lambda_param,
-            mix_weight=mix_weight,
-            gather_distributed=gather_distributed,
-            scale_loss=scale_loss,
-        )
+        self.mixup: MixUp | None = None
+        self.mixed_criterion: MixedBarlowTwinsLoss | None = None
+        if method.mix_weight > 0:
+            self.mixup = MixUp(seed, gather_distributed)
+            self.mixed_criterion = MixedBarlowTwinsLoss(
+                method.lambda_param,
+                mix_weight=method.mix_weight,
+                gather_distributed=gather_distributed,
+                scale_loss=method.scale_loss,
+            )
         self._memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self._knn_batches: dict[int, list[tuple[Tensor, Tensor, Tensor]]] = {
             KNN_BANK: [],
@@ -197,6 +191,10 @@ class BarlowTwinsModule(L.LightningModule):
         #: The class of the batch norms that trained (SyncBatchNorm, GlobalBatchNorm, or the
         #: backbone's own without synchronisation), known once training has started.
         self.batch_norm_class: str | None = None
+
+    @property
+    def _view_size(self) -> int:
+        return int(self.hyperparameters.image_size)
 
     @property
     def backbone(self) -> nn.Module:
@@ -216,7 +214,7 @@ class BarlowTwinsModule(L.LightningModule):
         self.model.to(memory_format=self._memory_format)
         if (
             torch.device(device).type == "cpu"
-            and self.hparams.cpu_convolutions
+            and self.cpu_convolutions
             and isinstance(self.backbone, ResNet)
         ):
             use_small_output_convolutions(self.backbone)
@@ -232,7 +230,7 @@ class BarlowTwinsModule(L.LightningModule):
             # Augmenting here runs on the device, outside autocast: the views are float32.
             views = self.make_views(images, self._view_generator(images.device))
         else:
-            views = [prepare_images(images, self.mean, self.std, self.hparams.image_size)]
+            views = [prepare_images(images, self.mean, self.std, self._view_size)]
         return [v.contiguous(memory_format=self._memory_format) for v in views], labels, indices
 
     def _view_generator(self, device: torch.device) -> torch.Generator:
@@ -240,20 +238,18 @@ class BarlowTwinsModule(L.LightningModule):
         generator = self._view_generators.get(device)
         if generator is None:
             generator = self._view_generators[device] = torch.Generator(device)
-        return generator.manual_seed(
-            view_seed(self.hparams.seed, self.global_rank, self.global_step)
-        )
+        return generator.manual_seed(view_seed(self.seed, self.global_rank, self.global_step))
 
     def make_views(self, images: Tensor, generator: torch.Generator | None = None) -> list[Tensor]:
         """The ``num_views`` augmented views of a batch: view A, view B, view A, ..."""
-        pairs = math.ceil(self.hparams.num_views / 2)
+        pairs = math.ceil(self.hyperparameters.num_views / 2)
         views = [view for _ in range(pairs) for view in self.augment(images, generator)]
-        return views[: self.hparams.num_views]
+        return views[: self.hyperparameters.num_views]
 
     @property
     def batches_per_step(self) -> int:
         """How many batches a training step embeds (the views, and any mixed batch)."""
-        return self.hparams.num_views + (0 if self.mixup is None else 1)
+        return self.hyperparameters.num_views + (0 if self.mixup is None else 1)
 
     def step_loss(self, views: Sequence[Tensor], step: int) -> tuple[Tensor, Tensor, Tensor | None]:
         """The training loss of one step's views.
@@ -270,6 +266,7 @@ class BarlowTwinsModule(L.LightningModule):
         view_a, view_b = views
         mixed = self.mixup(view_a, view_b, step=step)
         z_mixed = self.model(mixed.images.contiguous(memory_format=self._memory_format))
+        assert self.mixed_criterion is not None  # built together with the mixup
         terms = self.mixed_criterion.terms(z_a, z_b, z_mixed, mixed.alpha, mixed.permutation)
         return terms.barlow_twins + terms.mixed, z_a, terms.mixed
 
@@ -286,7 +283,7 @@ class BarlowTwinsModule(L.LightningModule):
         # The loss is already the global one on every rank: no sync_dist needed.
         self.log("train_loss", loss, prog_bar=True, on_step=True, on_epoch=True)
         # The terms the loss itself summed (no second evaluation), detached.
-        criterion = self.criterion if self.mixup is None else self.mixed_criterion
+        criterion = self.criterion if self.mixed_criterion is None else self.mixed_criterion
         health = step_metrics(loss_terms(criterion, z_a.shape[1]), z_a)
         self.log_dict(health, on_step=True, on_epoch=False)
         return {"loss": loss, "health": health}
@@ -300,7 +297,7 @@ class BarlowTwinsModule(L.LightningModule):
         was_training = self.training
         self.eval()
         try:
-            x = prepare_images(images.to(self.device), self.mean, self.std, self.hparams.image_size)
+            x = prepare_images(images.to(self.device), self.mean, self.std, self._view_size)
             return self.model.features(x.contiguous(memory_format=self._memory_format)).float()
         finally:
             self.train(was_training)
@@ -322,8 +319,8 @@ class BarlowTwinsModule(L.LightningModule):
             query,
             query_labels,
             num_classes=int(bank_labels.max()) + 1,
-            k=self.hparams.knn_k,
-            temperature=self.hparams.knn_temperature,
+            k=self.knn_k,
+            temperature=self.knn_temperature,
         )
         self.log("val_knn_acc", accuracy, prog_bar=True, rank_zero_only=True)
         self.log(KNN_BANK_IMAGES, float(len(bank)), rank_zero_only=True)
@@ -350,35 +347,37 @@ class BarlowTwinsModule(L.LightningModule):
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         if self.global_step == 0 and batch_idx == 0:
             global_batch = len(batch[0][0]) * self.trainer.world_size
-            if global_batch != self.hparams.batch_size:
+            expected = self.hyperparameters.batch_size
+            if global_batch != expected:
                 raise ValueError(
-                    f"the module's batch_size {self.hparams.batch_size} is the global batch, "
+                    f"the module's batch_size {expected} is the global batch, "
                     f"but {self.trainer.world_size} process(es) got {len(batch[0][0])} images "
                     "each: feed batch_size / world size per process (BarlowTwinsDataModule "
                     "does)"
                 )
 
     def configure_optimizers(self) -> Any:
-        global_batch = self.hparams.batch_size * self.trainer.accumulate_grad_batches
+        global_batch = int(self.hyperparameters.batch_size) * self.trainer.accumulate_grad_batches
         optimizer = build_optimizer(
             self.model,
-            name=self.hparams.optimizer,
+            name=self.hyperparameters.optimizer,
             batch_size=global_batch,
-            lr_weights=self.hparams.lr_weights,
-            lr_biases=self.hparams.lr_biases,
-            weight_decay=self.hparams.weight_decay,
-            momentum=self.hparams.momentum,
-            lars_eta=self.hparams.lars_eta,
-            lars_clip_lr=self.hparams.lars_clip_lr,
+            lr_weights=self.hyperparameters.lr_weights,
+            lr_biases=self.hyperparameters.lr_biases,
+            weight_decay=self.hyperparameters.weight_decay,
+            momentum=self.hyperparameters.momentum,
+            lars_eta=self.hyperparameters.lars_eta,
+            lars_clip_lr=self.hyperparameters.lars_clip_lr,
         )
         total_steps = max(1, int(self.trainer.estimated_stepping_batches))
         steps_per_epoch = total_steps / max(1, self.trainer.max_epochs or 1)
-        warmup_steps = min(int(self.hparams.warmup_epochs * steps_per_epoch), total_steps - 1)
+        warmup_epochs = float(self.hyperparameters.warmup_epochs)
+        warmup_steps = min(int(warmup_epochs * steps_per_epoch), total_steps - 1)
         scheduler = build_warmup_cosine_scheduler(
             optimizer,
             warmup_steps=max(0, warmup_steps),
             total_steps=total_steps,
-            final_factor=self.hparams.final_lr_factor,
+            final_factor=self.hyperparameters.final_lr_factor,
         )
         return {
             "optimizer": optimizer,

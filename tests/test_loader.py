@@ -13,9 +13,10 @@ from PIL import Image
 import barlowtwins
 from barlowtwins.app.cli import main
 from barlowtwins.app.inference import encode
-from barlowtwins.app.runs import HEAD_WEIGHTS, fingerprint, load_run
 from barlowtwins.data import load_fashion_mnist
-from barlowtwins.training.checkpoint import CheckpointError
+from barlowtwins.runs.files import CheckpointError
+from barlowtwins.runs.folder import RunFolder
+from barlowtwins.runs.loader import fingerprint, load_trained_encoder
 
 # A run small enough for a test: 128 training images, 2 steps.
 TINY = ["--backbone", "resnet10", "--max-samples", "128", "--batch-size", "64"]
@@ -44,16 +45,17 @@ def labelled_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_folder_backbone_file_and_checkpoint_hold_the_same_encoder(run: Path) -> None:
     runs = [
-        load_run(source) for source in (run, run / "backbone.pt", run / "checkpoints/last.ckpt")
+        load_trained_encoder(source)
+        for source in (run, run / "backbone.pt", run / "checkpoints/last.ckpt")
     ]
     assert len({fingerprint(r.backbone_state) for r in runs}) == 1
     assert len({r.info for r in runs}) == 1
-    assert all(r.directory == run for r in runs)
+    assert all(r.folder == RunFolder(run) for r in runs)
     assert runs[0].info.backbone == "resnet10" and runs[0].info.in_channels == 1
 
 
 def test_projector_comes_from_the_checkpoint(run: Path) -> None:
-    loaded = load_run(run, projector=True)
+    loaded = load_trained_encoder(run, projector=True)
     assert loaded.source == run / "checkpoints" / "last.ckpt"
     assert loaded.projector_dims == (64, 64)
     model = loaded.model()
@@ -62,9 +64,9 @@ def test_projector_comes_from_the_checkpoint(run: Path) -> None:
 
 def test_backbone_file_has_no_projector(run: Path) -> None:
     with pytest.raises(CheckpointError, match="holds only the backbone"):
-        load_run(run / "backbone.pt", projector=True)
+        load_trained_encoder(run / "backbone.pt", projector=True)
     with pytest.raises(CheckpointError, match="holds no projector"):
-        load_run(run).model()
+        load_trained_encoder(run).model()
 
 
 @pytest.mark.parametrize(
@@ -82,7 +84,7 @@ def test_backbone_file_has_no_projector(run: Path) -> None:
 )
 def test_what_is_not_a_run_is_one_clear_error(tmp_path: Path, make, message: str) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(CheckpointError, match=message):
-        load_run(make(tmp_path))
+        load_trained_encoder(make(tmp_path))
 
 
 def _write(path: Path, content: bytes) -> Path:
@@ -106,15 +108,15 @@ def test_evaluate_saves_a_head_that_reproduces_the_probe(
     args = ["evaluate", str(work), "--train", "fashion-mnist", "--max-samples", "300"]
     args += ["--test", str(labelled_folder), "--linear", "--linear-epochs", "20"]
     assert main([*args, "--save-head", "--json", str(report)]) == 0
-    accuracy = json.loads(report.read_text())["linear probe top-1 %"]
+    accuracy = json.loads(report.read_text())["linear_probe"]["top1"]["barlow twins"]
     saved = json.loads((work / "evaluation.json").read_text())
-    assert saved["results"]["linear probe top-1 %"] == accuracy
+    assert saved["results"]["linear_probe"]["top1"]["barlow twins"] == accuracy
     assert saved["protocol"]["linear_probe"]["epochs"] == 20
-    assert (work / HEAD_WEIGHTS).is_file()
+    assert RunFolder(work).linear_head.is_file()
 
     # The head applies to raw features (its standardisation is folded in): it reproduces the
     # probe's test accuracy on the same images.
-    head = load_run(work).matching_head()
+    head = load_trained_encoder(work).matching_head()
     features, dataset = encode(work, str(labelled_folder))
     assert dataset.labels is not None and dataset.classes is not None
     predictions = (features @ head.weight.T + head.bias).argmax(dim=1)
@@ -142,7 +144,7 @@ def test_a_head_of_other_weights_is_refused(
     state["conv1.weight"] += 1.0  # as if the run had been trained further
     torch.save(state, work / "backbone.pt")
     with pytest.raises(CheckpointError, match="trained on other backbone weights"):
-        load_run(work).matching_head()
+        load_trained_encoder(work).matching_head()
 
 
 def test_save_head_needs_linear(run: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -154,7 +156,7 @@ def test_save_head_needs_linear(run: Path, capsys: pytest.CaptureFixture[str]) -
 def test_load_pretrained_carries_the_preprocessing(run: Path) -> None:
     encoder = barlowtwins.load_pretrained(run)
     cfg = encoder.pretrained_cfg
-    info = load_run(run).info
+    info = load_trained_encoder(run).info
     assert cfg["input_size"] == (1, 28, 28)
     assert (tuple(cfg["mean"]), tuple(cfg["std"])) == (info.mean, info.std)
     assert not encoder.training
