@@ -6,6 +6,7 @@ import dataclasses
 from typing import Any
 
 import pytest
+import torch
 
 from barlowtwins.hparams import AUTO, Hyperparameters, checkpoint_values
 
@@ -76,3 +77,26 @@ def test_both_checkpoint_layouts_give_the_same_values() -> None:
     flat = {**method, "in_channels": 1, "mix_seed": 0}
     assert checkpoint_values(nested)["image_size"] == checkpoint_values(flat)["image_size"] == 28
     assert checkpoint_values(nested)["in_channels"] == checkpoint_values(flat)["in_channels"] == 1
+
+
+def test_a_view_that_must_not_flip_never_flips() -> None:
+    from barlowtwins.training.module import BarlowTwinsModule
+
+    # A left-to-right ramp: any flip reverses it. Identity otherwise (no crop, jitter or blur).
+    module = BarlowTwinsModule(
+        Hyperparameters(
+            backbone="resnet10",
+            image_size=16,
+            crop_scale=(1.0, 1.0),
+            solarize_prob=(0.0, 0.0),
+            hflip_prob=0.0,
+        ),
+        in_channels=1,
+    )
+    ramp = torch.arange(16, dtype=torch.uint8).mul(16).expand(64, 1, 16, 16).contiguous()
+    for view in module.make_views(ramp, torch.Generator().manual_seed(0)):
+        # Brightness and contrast jitter keep the ramp's order along each row.
+        assert bool((view[..., 1:] >= view[..., :-1]).all())
+    flipping = BarlowTwinsModule(Hyperparameters(backbone="resnet10", image_size=16), in_channels=1)
+    views = flipping.make_views(ramp, torch.Generator().manual_seed(0))
+    assert any(bool((view[..., 1:] < view[..., :-1]).any()) for view in views)

@@ -131,6 +131,13 @@ class Hyperparameters:
     solarize_prob: tuple[float, float] = hyperparameter(
         PAPER_SOLARIZE_PROB, "probability of solarisation in view A and in view B"
     )
+    hflip_prob: float = hyperparameter(
+        0.5,
+        "probability of a horizontal flip of each view (0 where orientation carries meaning: "
+        "text, digits, some medical images)",
+        ge=0,
+        le=1,
+    )
     precision: Precision | Auto = hyperparameter(
         AUTO, "Lightning precision (auto: bf16-mixed where the hardware runs it fast)"
     )

@@ -164,6 +164,7 @@ class BarlowTwinsModule(L.LightningModule):
             translate=method.translate,
             erase_prob=method.erase_prob,
             solarize_prob=method.solarize_prob,
+            hflip_prob=method.hflip_prob,
         )
         self.augment = BatchedBarlowTwinsAugment(
             image_size, in_channels, view_a, view_b, mean=self.mean, std=self.std

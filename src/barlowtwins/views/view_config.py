@@ -128,6 +128,7 @@ def barlow_twins_views(
     translate: float = 0.0,
     erase_prob: float = 0.0,
     solarize_prob: tuple[float, float] = PAPER_SOLARIZE_PROB,
+    hflip_prob: float = 0.5,
 ) -> tuple[ViewConfig, ViewConfig]:
     """Return the paper's asymmetric pair of view configurations.
 
@@ -147,6 +148,7 @@ def barlow_twins_views(
             small shifts suit centred objects that crops would cut, e.g. Fashion-MNIST).
         erase_prob: Both views' probability of random erasing (not in the paper).
         solarize_prob: Probability of solarisation in view A and in view B.
+        hflip_prob: Both views' probability of a horizontal flip (paper: 0.5).
 
     Returns:
         The configurations of view A and view B.
@@ -156,7 +158,11 @@ def barlow_twins_views(
     """
     _check_image_size(image_size)
     _check_channels(channels)
-    overrides: dict[str, Any] = {"translate": translate, "erase_prob": erase_prob}
+    overrides: dict[str, Any] = {
+        "translate": translate,
+        "erase_prob": erase_prob,
+        "hflip_prob": hflip_prob,
+    }
     if crop_scale is not None:
         overrides["crop_scale"] = crop_scale
     if channels == 1:
