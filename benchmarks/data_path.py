@@ -2,8 +2,9 @@
 
 A folder too large to decode into memory is read as ``fit`` reads it: a
 :class:`~barlowtwins.data.LazyImageFolder` (``load_image_folder(..., cache_limit_bytes=0)``)
-whose every access decodes one file, resizes its shorter side to ``--image-size`` and
-centre-crops, in a ``DataLoader`` of uint8 batches in random order as the training loader
+whose every access decodes one file and resizes the whole image onto an ``--image-size``
+square canvas (recording its source size), in a ``DataLoader`` of uint8 batches in random
+order as the training loader
 draws them. For each ``--workers`` count the benchmark skips one batch per worker (their
 start-up), then times ``--batches`` batches, all in one epoch that repeats the files as needed
 (an epoch boundary, where the workers wait for the next epoch's first batches, comes once per
@@ -163,7 +164,7 @@ def images_per_second(dataset: ImageDataset, workers: int, args: argparse.Namesp
     loader = DataLoader(dataset, batch_size=args.batch, sampler=sampler, num_workers=workers)
     batches = iter(loader)
     for _ in range(warmup):
-        images, _labels, _indices = next(batches)
+        images, _labels, _indices, _sizes = next(batches)
     expected = (args.batch, 3, args.image_size, args.image_size)
     if images.dtype != torch.uint8 or tuple(images.shape) != expected:
         raise SystemExit(f"expected uint8 batches of {expected}, got {images.dtype} {images.shape}")

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
+from barlowtwins.data import first_images, load_image_folder
 from barlowtwins.views import batched as augment
 from barlowtwins.views import kernels
 from barlowtwins.views.batched import BatchedBarlowTwinsAugment
@@ -288,3 +292,28 @@ def test_no_erasing_below_its_probability() -> None:
     erased = aug(images, _seeded())[0]
     share = (erased.abs() < 1e-6).flatten(1).any(dim=1).float().mean()
     assert 0.18 < share < 0.32
+
+
+@pytest.mark.parametrize("crop_scale", [(0.08, 1.0), (1.0, 1.0)], ids=["paper", "whole"])
+def test_views_reach_both_edges_of_a_wide_image(
+    tmp_path: Path, crop_scale: tuple[float, float]
+) -> None:
+    # A 4:3 photo (64x48): red left edge, blue right edge, grey elsewhere; neither colour
+    # appears anywhere else. At scale 1 RandomResizedCrop keeps a 4:3 image whole.
+    array = np.full((48, 64, 3), 128, dtype=np.uint8)
+    array[:, :6] = (255, 0, 0)
+    array[:, -6:] = (0, 0, 255)
+    Image.fromarray(array).save(tmp_path / "wide.png")
+    images, sizes = first_images(load_image_folder(tmp_path, image_size=32), 1)
+    images, sizes = images.expand(64, -1, -1, -1), sizes.expand(64, -1)
+    crop_only = replace(IDENTITY, crop_scale=crop_scale, crop_ratio=(3 / 4, 4 / 3))
+    augment = BatchedBarlowTwinsAugment(32, view_a=crop_only, view_b=crop_only)
+    views = augment.augment_view(images, crop_only, _seeded(), sizes)
+    red = (views[:, 0] > 0.9) & (views[:, 1] < 0.1) & (views[:, 2] < 0.1)
+    blue = (views[:, 2] > 0.9) & (views[:, 0] < 0.1) & (views[:, 1] < 0.1)
+    has_red, has_blue = red.flatten(1).any(1), blue.flatten(1).any(1)
+    assert has_red.any() and has_blue.any()
+    if crop_scale == (1.0, 1.0):  # every view is the whole image
+        assert has_red.all() and has_blue.all()
+    else:  # crops of at least 8 % of the image: most miss one edge or both
+        assert not (has_red & has_blue).all()

@@ -31,6 +31,7 @@ from barlowtwins.data import (
     load_fashion_mnist,
     load_image_folder,
 )
+from barlowtwins.views import prepare_images
 
 needs_fashion_mnist = pytest.mark.skipif(
     not (FASHION_MNIST_SYSTEM_DIR / "train-images-idx3-ubyte.gz").is_file(),
@@ -123,8 +124,9 @@ def test_fashion_mnist_both_splits(fashion_train: InMemoryImages) -> None:
         assert dataset.classes == list(FASHION_MNIST_CLASSES)
         assert dataset.channels == 1 and dataset.image_size == 28
         assert dataset.num_skipped == 0
-    image, label, index = test[3]
+    image, label, index, size = test[3]
     assert image.shape == (1, 28, 28) and label == int(test.labels[3]) and index == 3
+    assert size.tolist() == [28, 28]  # a square source is its own canvas
     # Not a blank decode: Fashion-MNIST's mean pixel is about 0.286.
     assert 0.25 < fashion_train.images[:1000].float().mean().item() / 255 < 0.32
 
@@ -253,7 +255,7 @@ def test_class_subfolders_give_labels(tmp_path: Path) -> None:
     rel = [os.path.relpath(p, tmp_path) for p in dataset.paths]
     assert rel == sorted(rel, key=lambda p: p.split(os.sep))
     assert rel[3] == os.path.join("cat", "nested", "deep.jpg")
-    assert dataset[6][1:] == (2, 6)
+    assert dataset[6][1:3] == (2, 6)
     assert dataset.images.shape == (7, 3, 8, 8) and dataset.images.is_contiguous()
 
 
@@ -297,15 +299,27 @@ def test_folder_max_samples(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- decoding
 
 
-def test_single_image_resize_shorter_side_then_centre_crop(tmp_path: Path) -> None:
-    # 60x20: left third red, middle green, right third blue; the centre crop keeps green.
+def test_a_wide_image_is_held_whole_with_its_size(tmp_path: Path) -> None:
+    # 60x20: left third red, middle green, right third blue.
     array = np.zeros((20, 60, 3), dtype=np.uint8)
     array[:, :20, 0] = array[:, 20:40, 1] = array[:, 40:, 2] = 255
-    image = _single(tmp_path, lambda d: _save(Image.fromarray(array), d / "wide.png"))
-    assert image.shape == (3, 16, 16) and image.dtype == torch.uint8
-    # Only the outermost columns may blend with the neighbouring (cropped-away) stripes.
-    inner = image[:, :, 1:-1]
-    assert inner[1].min() >= 250 and inner[0].max() <= 5 and inner[2].max() <= 5
+    _save(Image.fromarray(array), tmp_path / "wide.png")
+    dataset = load_image_folder(tmp_path, image_size=15)
+    image, _, _, size = dataset[0]
+    assert image.shape == (3, 15, 15) and image.dtype == torch.uint8
+    assert size.tolist() == [20, 60]
+    # Stretched across the canvas: each third is a third of the columns, each colour pure
+    # away from the stripes' borders.
+    for channel, columns in enumerate((slice(0, 4), slice(6, 9), slice(11, 15))):
+        stripe = image[:, :, columns]
+        assert stripe[channel].min() >= 250
+        assert stripe[[c for c in range(3) if c != channel]].max() <= 5
+    # The evaluation view still takes the centred square of the source: the green third.
+    view = prepare_images(image[None], (0.0,) * 3, (1.0,) * 3, 15, size[None])[0]
+    centre = view[:, :, 5:10]
+    assert centre[1].min() >= 0.98 and centre[[0, 2]].max() <= 0.02
+    # Only where the resize blends in the stripes' border pixels does red or blue show, faintly.
+    assert view[[0, 2]].max() <= 0.15
 
 
 def test_tiny_image_is_upscaled(tmp_path: Path) -> None:
@@ -555,7 +569,7 @@ def test_lazy_folder_skips_broken_files_at_decode_time(
     with caplog.at_level(logging.WARNING, logger="barlowtwins.data"):
         for _ in range(2):  # the second pass must not warn again
             for k in range(len(dataset)):
-                image, label, index = dataset[k]
+                image, label, index, _ = dataset[k]
                 assert image.shape == (3, 8, 8) and image.dtype == torch.uint8 and label == -1
                 assert torch.equal(image, eager.images[eager.paths.index(dataset.paths[index])])
     assert dataset.num_skipped == len(bad)
@@ -569,7 +583,7 @@ def test_lazy_folder_skip_count_shared_with_loader_workers(tmp_path: Path) -> No
     dataset = load_image_folder(tmp_path, image_size=8, channels=1, cache_limit_bytes=0)
     assert isinstance(dataset, LazyImageFolder) and dataset.num_skipped == 0
     loader = DataLoader(dataset, batch_size=2, num_workers=2)
-    images, labels, indices = (torch.cat(parts) for parts in zip(*loader, strict=True))
+    images, labels, indices, _ = (torch.cat(parts) for parts in zip(*loader, strict=True))
     assert images.shape == (5, 1, 8, 8) and labels.tolist() == [0] * 5
     # "2-cut.jpg" sorts at index 2 and is replaced by the next sample whenever it is asked for.
     assert sorted(indices.tolist()) == [0, 1, 3, 3, 4]
@@ -583,7 +597,7 @@ def test_in_memory_subset_head_and_validation() -> None:
     images = torch.arange(5, dtype=torch.uint8).reshape(5, 1, 1, 1).expand(5, 1, 2, 2).clone()
     dataset = InMemoryImages(images, torch.tensor([4, 3, 2, 1, 0]), classes=list("abcde"))
     assert isinstance(dataset, ImageDataset)
-    assert dataset[-1][1:] == (0, 4)
+    assert dataset[-1][1:3] == (0, 4)
     picked = dataset.subset([3, 1])
     assert picked.images[:, 0, 0, 0].tolist() == [3, 1] and picked.labels.tolist() == [1, 3]
     assert picked.classes == list("abcde")

@@ -71,7 +71,8 @@ def test_grid_crop_and_flip_match_resized_crop_without_antialias() -> None:
 def test_crop_boxes_follow_random_resized_crop() -> None:
     config = ViewConfig(crop_scale=(0.2, 0.9))
     uniforms = torch.rand(4000, kernels.CROP_UNIFORMS, generator=_seeded())
-    top, left, height, width = kernels.sample_crop_boxes(uniforms, 60, 80, config)
+    sizes = torch.tensor([[60, 80]]).expand(4000, 2)
+    top, left, height, width = kernels.sample_crop_boxes(uniforms, sizes, config)
     for value in (top, left, height, width):
         assert torch.equal(value, value.round())
     assert (top >= 0).all() and (left >= 0).all()
@@ -94,7 +95,8 @@ def test_crop_boxes_follow_random_resized_crop() -> None:
 def test_impossible_crop_falls_back_to_the_centre() -> None:
     config = ViewConfig(crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0))
     uniforms = torch.rand(5, kernels.CROP_UNIFORMS, generator=_seeded())
-    top, left, height, width = kernels.sample_crop_boxes(uniforms, 20, 30, config)
+    sizes = torch.tensor([[20, 30]]).expand(5, 2)
+    top, left, height, width = kernels.sample_crop_boxes(uniforms, sizes, config)
     assert top.tolist() == [0.0] * 5 and left.tolist() == [5.0] * 5
     assert height.tolist() == [20.0] * 5 and width.tolist() == [20.0] * 5
 
@@ -163,3 +165,24 @@ def test_erase_boxes_follow_random_erasing() -> None:
     for column in range(4):
         assert abs(boxes[:, column].mean() - reference[:, column].mean()) < 0.6
     assert ((boxes[:, 0] + boxes[:, 2]) <= 28).all() and ((boxes[:, 1] + boxes[:, 3]) <= 28).all()
+
+
+def test_each_sample_crops_its_own_source_size() -> None:
+    config = ViewConfig(crop_scale=(1.0, 1.0), crop_ratio=(0.5, 2.0))
+    uniforms = torch.rand(3, kernels.CROP_UNIFORMS, generator=_seeded())
+    # A wide, a tall and a square source: at scale 1 each crop is its whole source.
+    sizes = torch.tensor([[40, 80], [90, 45], [50, 50]])
+    boxes = torch.stack(kernels.sample_crop_boxes(uniforms, sizes, config), dim=1)
+    assert boxes.tolist() == [[0, 0, 40, 80], [0, 0, 90, 45], [0, 0, 50, 50]]
+    # On 32 x 32 canvases that hold the sources stretched, each is the whole canvas.
+    on_canvas = kernels.boxes_on_canvas(boxes, sizes, (32, 32))
+    assert on_canvas.tolist() == [[0, 0, 32, 32]] * 3
+
+
+def test_boxes_move_onto_the_canvas_at_each_axis_scale() -> None:
+    # Right half of a 100 x 200 source, on a 50 x 50 canvas: the canvas's right half.
+    boxes = torch.tensor([[0.0, 100.0, 100.0, 100.0], [10.0, 0.0, 1.0, 1.0]])
+    sizes = torch.tensor([[100, 200], [100, 200]])
+    on_canvas = kernels.boxes_on_canvas(boxes, sizes, (50, 50))
+    # A box smaller than a canvas pixel keeps one pixel.
+    assert on_canvas.tolist() == [[0, 25, 50, 25], [5, 0, 1, 1]]

@@ -36,7 +36,7 @@ def labelled_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """60 Fashion-MNIST test images as PNGs in class subfolders named by label (0-9)."""
     folder = tmp_path_factory.mktemp("labelled")
     test = load_fashion_mnist("test").head(60)
-    for index, (image, label, _) in enumerate(test):
+    for index, (image, label, _, _) in enumerate(test):
         directory = folder / str(label)
         directory.mkdir(exist_ok=True)
         Image.fromarray(image[0].numpy()).save(directory / f"{index}.png")

@@ -77,8 +77,9 @@ scheduler = build_warmup_cosine_scheduler(
 print("Starting Training")
 for epoch in range(args.epochs):
     total_loss = 0.0
-    for images, _, _ in dataloader:
-        x0, x1 = augment(images.to(device))
+    # Each item also carries its source image's size: crops are cut from the whole image.
+    for images, _, _, sizes in dataloader:
+        x0, x1 = augment(images.to(device), sizes=sizes.to(device))
         loss = criterion(model(x0), model(x1))
         total_loss += loss.item()
         loss.backward()

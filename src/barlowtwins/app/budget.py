@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
 
+from barlowtwins.data import first_images
 from barlowtwins.nn.distributed import sync_batchnorm, world_size
 from barlowtwins.optim import WarmupCosine, build_optimizer
 from barlowtwins.training.callbacks import TrainingClock
@@ -53,6 +54,7 @@ _FORWARD_SHARE = 1 / 3
 def measure_step_seconds(
     module: BarlowTwinsModule,
     images: torch.Tensor,
+    sizes: torch.Tensor,
     *,
     device: torch.device,
     precision_context: Callable[[], AbstractContextManager[Any]],
@@ -69,6 +71,7 @@ def measure_step_seconds(
     Args:
         module: The run's module, before training.
         images: One process's batch of uint8 images.
+        sizes: Their source sizes.
         device: The device that trains.
         precision_context: Enters the run's autocast (the Trainer's
             ``precision_plugin.forward_context``).
@@ -87,7 +90,7 @@ def measure_step_seconds(
         name=probe.hyperparameters.optimizer,
         batch_size=len(images) * processes,
     )
-    images = images.to(device)
+    images, sizes = images.to(device), sizes.to(device)
     generator = torch.Generator(device).manual_seed(0)
     timings = []
     for step in range(_WARMUP_STEPS + _TIMED_STEPS):
@@ -95,7 +98,7 @@ def measure_step_seconds(
         started = time.perf_counter()
         views = [
             v.contiguous(memory_format=torch.channels_last)
-            for v in probe.make_views(images, generator)
+            for v in probe.make_views(images, generator, sizes)
         ]
         with precision_context():
             loss = probe.step_loss(views, step)[0]
@@ -308,10 +311,14 @@ def _plan(
 ) -> tuple[int, int]:
     """This process's plan for ``minutes`` (rank 0's is the one every rank trains)."""
     train, per_device = datamodule.train, datamodule.batch_size_per_device
-    images = torch.stack([train[i][0] for i in range(per_device)])
+    images, sizes = first_images(train, per_device)
     device = trainer.strategy.root_device
     step_seconds = measure_step_seconds(
-        module, images, device=device, precision_context=trainer.precision_plugin.forward_context
+        module,
+        images,
+        sizes,
+        device=device,
+        precision_context=trainer.precision_plugin.forward_context,
     )
     monitor = (
         sum(len(data) for data in (datamodule.knn_bank, datamodule.knn_query) if data is not None)

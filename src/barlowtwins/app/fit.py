@@ -25,7 +25,7 @@ from barlowtwins.app.budget import TimeBudget
 from barlowtwins.app.config import ConfigError, FitConfig
 from barlowtwins.app.launch import run_training
 from barlowtwins.app.report import describe_hardware, score_encoders, write_plots
-from barlowtwins.data import ImageDataset, load_data
+from barlowtwins.data import ImageDataset, first_images, load_data
 from barlowtwins.encoder import EncoderInfo
 from barlowtwins.hparams import Hyperparameters, checkpoint_values
 from barlowtwins.loss import cross_correlation
@@ -354,9 +354,11 @@ def _held_out_cross_correlation(
     module: BarlowTwinsModule, data: ImageDataset, device: torch.device, size: int = 512
 ) -> torch.Tensor:
     """The loss's cross-correlation matrix on two views of (up to) ``size`` held-out images."""
-    images = torch.stack([data[i][0] for i in range(min(size, len(data)))])
+    images, sizes = first_images(data, size)
     module.eval()
-    view_a, view_b = module.augment(images.to(device), torch.Generator(device).manual_seed(0))
+    view_a, view_b = module.augment(
+        images.to(device), torch.Generator(device).manual_seed(0), sizes.to(device)
+    )
     return cross_correlation(module.model(view_a).float(), module.model(view_b).float()).cpu()
 
 

@@ -8,7 +8,9 @@ from barlowtwins.data.datasets import (
     DataError,
     ImageDataset,
     InMemoryImages,
+    Item,
     dataset_stats,
+    first_images,
 )
 from barlowtwins.data.fashion_mnist import (
     FASHION_MNIST_CLASSES,
@@ -36,8 +38,10 @@ __all__ = [
     "DataSummary",
     "ImageDataset",
     "InMemoryImages",
+    "Item",
     "LazyImageFolder",
     "dataset_stats",
+    "first_images",
     "fits_in_memory",
     "load_data",
     "load_fashion_mnist",

@@ -1,7 +1,11 @@
 """What a dataset is here: fixed-size uint8 images with optional labels, and their statistics.
 
-Every dataset yields ``(image, label, index)`` with ``image`` a ``uint8`` tensor of shape
-``(C, S, S)``; augmentation and normalisation happen later, on the device. This module holds
+Every dataset yields ``(image, label, index, size)``: ``image`` a ``uint8`` tensor of shape
+``(C, S, S)`` that holds the *whole* source image stretched to an ``S x S`` canvas, and
+``size`` the source's ``(height, width)``, so that the views' random crops are drawn on the
+whole source with its own aspect ratio (as ``RandomResizedCrop`` on the source image) and read
+from the canvas, and the evaluation view takes the source's centred square. A square source is
+its own canvas. Augmentation and normalisation happen later, on the device. This module holds
 the :class:`ImageDataset` contract, the in-memory implementation every source can produce,
 :func:`dataset_stats` and the :class:`DataError` all sources raise. The lazily decoded folder
 dataset lives with the folder scanning and decoding it relies on, in
@@ -27,12 +31,17 @@ class DataError(ValueError):
     """A data source is missing or unusable; the message is one user-facing line."""
 
 
+#: A dataset item: image (uint8 canvas), label (-1 when unlabeled), index, source size.
+Item = tuple[Tensor, int, int, Tensor]
+
+
 class ImageDataset(Dataset, ABC):
-    """Images of one fixed square size as uint8 tensors, with optional class labels.
+    """Images as uint8 canvases of one square size, with their source sizes and optional
+    class labels.
 
     Attributes:
         channels: 1 (greyscale) or 3 (RGB).
-        image_size: Side ``S`` of every ``(C, S, S)`` image.
+        image_size: Side ``S`` of every ``(C, S, S)`` canvas.
         labels: int64 class labels of shape ``(N,)``, or ``None`` for unlabeled data.
         classes: Class names indexed by label, or ``None``.
         paths: Source file of every sample, or ``None`` for array datasets.
@@ -51,11 +60,16 @@ class ImageDataset(Dataset, ABC):
         """Number of samples."""
 
     @abstractmethod
-    def __getitem__(self, index: int) -> tuple[Tensor, int, int]:
-        """Returns ``(image uint8 (C, S, S), label or -1 when unlabeled, sample index)``."""
+    def __getitem__(self, index: int) -> Item:
+        """Returns ``(canvas uint8 (C, S, S), label or -1 when unlabeled, sample index,
+        source (height, width) int64)``."""
 
     def _label(self, index: int) -> int:
         return -1 if self.labels is None else int(self.labels[index])
+
+    def _canvas_size(self) -> Tensor:
+        """The size of a source that is its own canvas."""
+        return torch.tensor([self.image_size, self.image_size])
 
     def subset(self, indices: Sequence[int] | Tensor) -> ImageDataset:
         """The samples at ``indices``, in that order, as a dataset of their own (indexed from 0)."""
@@ -88,23 +102,26 @@ class SubsetImages(ImageDataset):
         """Number of samples."""
         return len(self.indices)
 
-    def __getitem__(self, index: int) -> tuple[Tensor, int, int]:
-        """Returns ``(image uint8 (C, S, S), label or -1 when unlabeled, index in this subset)``."""
+    def __getitem__(self, index: int) -> Item:
+        """Returns the base's item with its ``index`` in this subset."""
         index = range(len(self))[index]
-        image, label, _ = self.base[int(self.indices[index])]
-        return image, label, index
+        image, label, _, size = self.base[int(self.indices[index])]
+        return image, label, index, size
 
 
 class InMemoryImages(ImageDataset):
     """A dataset decoded once into one contiguous ``(N, C, S, S)`` uint8 tensor.
 
     Args:
-        images: uint8 tensor of shape ``(N, C, S, S)`` with ``C`` 1 or 3.
+        images: uint8 tensor of shape ``(N, C, S, S)`` with ``C`` 1 or 3: each sample's source
+            image stretched to the canvas.
         labels: int64 labels of shape ``(N,)`` or ``None``.
         classes: Class names indexed by label, or ``None``.
         paths: Source file of every sample, or ``None``.
         skipped: ``(path, reason)`` of every input file that could not be used.
         num_skipped: Count of unusable inputs; defaults to ``len(skipped)``.
+        source_sizes: int64 ``(N, 2)`` height and width of each source image, or ``None``
+            when every image is its own (square) source.
 
     Raises:
         DataError: If the shapes or dtypes do not match.
@@ -118,6 +135,7 @@ class InMemoryImages(ImageDataset):
         paths: Sequence[str] | None = None,
         skipped: Sequence[tuple[str, str]] = (),
         num_skipped: int | None = None,
+        source_sizes: Tensor | None = None,
     ) -> None:
         if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] not in (1, 3):
             raise DataError(
@@ -134,7 +152,10 @@ class InMemoryImages(ImageDataset):
             )
         if paths is not None and len(paths) != n:
             raise DataError(f"got {len(paths)} paths for {n} images")
+        if source_sizes is not None and source_sizes.shape != (n, 2):
+            raise DataError(f"got source sizes of shape {tuple(source_sizes.shape)} for {n} images")
         self.images = images.contiguous()
+        self.source_sizes = source_sizes
         self.labels = labels
         self.classes = None if classes is None else list(classes)
         self.paths = None if paths is None else list(paths)
@@ -147,10 +168,12 @@ class InMemoryImages(ImageDataset):
         """Number of samples."""
         return self.images.shape[0]
 
-    def __getitem__(self, index: int) -> tuple[Tensor, int, int]:
-        """Returns ``(image uint8 (C, S, S), label or -1 when unlabeled, sample index)``."""
+    def __getitem__(self, index: int) -> Item:
+        """Returns ``(canvas uint8 (C, S, S), label or -1 when unlabeled, sample index,
+        source (height, width))``."""
         index = range(len(self))[index]
-        return self.images[index], self._label(index), index
+        size = self._canvas_size() if self.source_sizes is None else self.source_sizes[index]
+        return self.images[index], self._label(index), index, size
 
     def subset(self, indices: Sequence[int] | Tensor) -> InMemoryImages:
         """A new dataset with the samples at ``indices`` (in that order), images copied."""
@@ -162,6 +185,7 @@ class InMemoryImages(ImageDataset):
             None if self.paths is None else [self.paths[i] for i in idx.tolist()],
             self.skipped,
             self.num_skipped,
+            None if self.source_sizes is None else self.source_sizes[idx],
         )
 
     def head(self, n: int) -> InMemoryImages:
@@ -173,7 +197,18 @@ class InMemoryImages(ImageDataset):
             None if self.paths is None else self.paths[:n],
             self.skipped,
             self.num_skipped,
+            None if self.source_sizes is None else self.source_sizes[:n],
         )
+
+
+def first_images(dataset: ImageDataset, count: int) -> tuple[Tensor, Tensor]:
+    """The first ``count`` canvases of ``dataset`` and their source sizes, each stacked.
+
+    Returns:
+        ``(images (n, C, S, S) uint8, sizes (n, 2) int64)`` with ``n = min(count, len)``.
+    """
+    items = [dataset[i] for i in range(min(count, len(dataset)))]
+    return torch.stack([item[0] for item in items]), torch.stack([item[3] for item in items])
 
 
 def dataset_stats(dataset: ImageDataset) -> tuple[tuple[float, ...], tuple[float, ...]]:

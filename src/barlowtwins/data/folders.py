@@ -21,7 +21,13 @@ import torch
 from PIL import Image, ImageOps
 from torch import Tensor
 
-from barlowtwins.data.datasets import DataError, ImageDataset, InMemoryImages, check_geometry
+from barlowtwins.data.datasets import (
+    DataError,
+    ImageDataset,
+    InMemoryImages,
+    Item,
+    check_geometry,
+)
 from barlowtwins.data.spec import DataSummary
 
 _log = logging.getLogger(__name__)
@@ -87,11 +93,12 @@ class LazyImageFolder(ImageDataset):
         """Number of samples (including any that later fail to decode)."""
         return len(self.paths)
 
-    def __getitem__(self, index: int) -> tuple[Tensor, int, int]:
+    def __getitem__(self, index: int) -> Item:
         """Decodes sample ``index``, or the next decodable one if it is broken.
 
         Returns:
-            ``(image uint8 (C, S, S), label or -1, index of the sample actually returned)``.
+            ``(canvas uint8 (C, S, S), label or -1, index of the sample actually returned,
+            its source (height, width))``.
 
         Raises:
             DataError: If no file in the folder can be decoded any more.
@@ -103,8 +110,8 @@ class LazyImageFolder(ImageDataset):
             if self._failed[i]:
                 continue
             result = _decode_or_reason(self.paths[i], self.image_size, self.channels)
-            if isinstance(result, np.ndarray):
-                return torch.from_numpy(result), self._label(i), i
+            if isinstance(result, Decoded):
+                return torch.from_numpy(result.canvas), self._label(i), i, result.size
             self._failed[i] = True
             _log.warning("skipping unreadable image %s: %s", _printable(self.paths[i]), result)
         raise DataError(f"none of the {n} images can be decoded any more")
@@ -127,9 +134,11 @@ def load_image_folder(
     the classes; images directly in ``root`` make the whole folder unlabeled.
 
     Each image is EXIF-rotated, reduced to its first frame, converted to L or RGB (transparency
-    composited on white, 16-bit samples scaled to 8 bits), its shorter side resized to
-    ``image_size`` (bicubic, antialiased) and centre-cropped. Files that cannot be used are
-    counted in ``num_skipped`` and the first few are logged.
+    composited on white, 16-bit samples scaled to 8 bits) and resized whole, each axis on its
+    own, to ``image_size x image_size`` (bicubic, antialiased): the canvas holds the entire
+    image, and the dataset keeps its source size so that crops are drawn with the source's own
+    aspect ratio (see :class:`~barlowtwins.data.datasets.ImageDataset`). Files that cannot be
+    used are counted in ``num_skipped`` and the first few are logged.
 
     Args:
         root: Folder to scan.
@@ -174,7 +183,7 @@ def load_image_folder(
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         paths = [f.path for f in files]
         if len(paths) * channels * image_size**2 <= cache_limit_bytes:
-            images, good = _decode_all(paths, image_size, channels, workers, skipped)
+            images, sizes, good = _decode_all(paths, image_size, channels, workers, skipped)
             dataset: ImageDataset | None = (
                 InMemoryImages(
                     images,
@@ -182,6 +191,7 @@ def load_image_folder(
                     classes,
                     [paths[i] for i in good.tolist()],
                     skipped,
+                    source_sizes=sizes,
                 )
                 if good.numel()
                 else None
@@ -386,23 +396,29 @@ def _reason(exc: Exception) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-def _decode(path: str, image_size: int, channels: int) -> np.ndarray:
-    """Decodes one file to a contiguous ``(C, S, S)`` uint8 array."""
+@dataclass(frozen=True)
+class Decoded:
+    """A decoded image: the source stretched to a square canvas, and the source's size."""
+
+    canvas: np.ndarray  # (C, S, S) uint8, contiguous
+    size: Tensor  # (2,) int64: height, width
+
+
+def _decode(path: str, image_size: int, channels: int) -> Decoded:
+    """Decodes one file to its whole image on a ``(C, S, S)`` uint8 canvas."""
     with _open_checked(path) as image:
         # JPEGs decode straight at a reduced DCT scale that keeps both sides >= image_size.
         image.draft(None, (image_size, image_size))
         # Opening selects frame 0, so animated images yield their first frame.
         image = ImageOps.exif_transpose(image)
     image = _to_mode(image, "L" if channels == 1 else "RGB")
+    # The source's size as decoded: a JPEG draft scales both sides alike, so its aspect ratio
+    # is the file's.
     width, height = image.size
-    side = min(width, height)
-    # Cropping the centred square in source coordinates and resizing it equals resizing the
-    # shorter side to image_size and centre-cropping, without an intermediate image.
-    box = ((width - side) / 2, (height - side) / 2, (width + side) / 2, (height + side) / 2)
-    image = image.resize((image_size, image_size), Image.Resampling.BICUBIC, box=box)
+    image = image.resize((image_size, image_size), Image.Resampling.BICUBIC)
     array = np.asarray(image)
     array = array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
-    return np.ascontiguousarray(array)
+    return Decoded(np.ascontiguousarray(array), torch.tensor([height, width]))
 
 
 def _to_mode(image: Image.Image, mode: str) -> Image.Image:
@@ -418,7 +434,7 @@ def _to_mode(image: Image.Image, mode: str) -> Image.Image:
     return image if image.mode == mode else image.convert(mode)
 
 
-def _decode_or_reason(path: str, image_size: int, channels: int) -> np.ndarray | str:
+def _decode_or_reason(path: str, image_size: int, channels: int) -> Decoded | str:
     try:
         return _decode(path, image_size, channels)
     # PIL raises many exception types on corrupt data (OSError, SyntaxError, struct.error, ...).
@@ -451,21 +467,23 @@ def _decode_all(
     channels: int,
     workers: int,
     skipped: list[tuple[str, str]],
-) -> tuple[Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor]:
     """Decodes ``paths`` in threads; appends failures to ``skipped``.
 
     Returns:
-        ``(images, good)``: the decoded images, compacted in place to the front of one
-        allocation, and the indices into ``paths`` they came from.
+        ``(images, sizes, good)``: the decoded canvases, compacted in place to the front of
+        one allocation, their sources' sizes, and the indices into ``paths`` they came from.
     """
     images = torch.empty(len(paths), channels, image_size, image_size, dtype=torch.uint8)
+    sizes = torch.zeros(len(paths), 2, dtype=torch.int64)
     out = images.numpy()
     reasons: list[str | None] = [None] * len(paths)
 
     def work(i: int) -> None:
         result = _decode_or_reason(paths[i], image_size, channels)
-        if isinstance(result, np.ndarray):
-            out[i] = result
+        if isinstance(result, Decoded):
+            out[i] = result.canvas
+            sizes[i] = result.size
         else:
             reasons[i] = result
 
@@ -476,7 +494,8 @@ def _decode_all(
     for dst, src in enumerate(good):
         if dst != src:
             images[dst] = images[src]
-    return images[: len(good)], torch.tensor(good, dtype=torch.int64)
+    kept = torch.tensor(good, dtype=torch.int64)
+    return images[: len(good)], sizes[kept], kept
 
 
 def _probe_all(paths: Sequence[str], workers: int, skipped: list[tuple[str, str]]) -> Tensor:

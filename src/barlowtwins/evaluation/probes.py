@@ -41,9 +41,10 @@ class LinearProbeResult:
     classifier: nn.Linear
 
 
-def _stack_images(items: list[Any]) -> Tensor:
-    """DataLoader collate: the uint8 (C, H, W) image that starts each dataset item, stacked."""
-    images = []
+def _stack_images(items: list[Any]) -> tuple[Tensor, Tensor | None]:
+    """DataLoader collate: the uint8 (C, H, W) images that start the dataset items, and their
+    source sizes where the items carry them (:data:`barlowtwins.data.Item`), stacked."""
+    images, sizes = [], []
     for item in items:
         image = item[0] if isinstance(item, tuple | list) else item
         if not isinstance(image, Tensor) or image.dtype != torch.uint8 or image.ndim != 3:
@@ -53,13 +54,16 @@ def _stack_images(items: list[Any]) -> Tensor:
                 f"{tuple(getattr(image, 'shape', ()))}"
             )
         images.append(image)
-    return torch.stack(images)
+        if isinstance(item, tuple | list) and len(item) > 3:
+            sizes.append(torch.as_tensor(item[3]))
+    return torch.stack(images), torch.stack(sizes) if len(sizes) == len(images) else None
 
 
 def _batches(
     images: Tensor | Dataset, batch_size: int, num_workers: int | None
-) -> Iterable[Tensor]:
-    """Batches of uint8 images in order: tensor slices, or a DataLoader over a dataset.
+) -> Iterable[tuple[Tensor, Tensor | None]]:
+    """Batches of uint8 images in order, with their source sizes when known: tensor slices,
+    or a DataLoader over a dataset.
 
     Images already in memory are sliced; other datasets (e.g. a folder decoded per item) go
     through DataLoader workers, one per core (up to 8) unless ``num_workers`` says otherwise.
@@ -68,9 +72,17 @@ def _batches(
     if isinstance(images, Tensor) or isinstance(in_memory, Tensor):
         tensor = images if isinstance(images, Tensor) else in_memory
         assert isinstance(tensor, Tensor)
-        return (tensor[start : start + batch_size] for start in range(0, len(tensor), batch_size))
+        sizes = getattr(images, "source_sizes", None)
+        return (
+            (tensor[start : start + batch_size], _rows(sizes, start, batch_size))
+            for start in range(0, len(tensor), batch_size)
+        )
     workers = min(8, os.cpu_count() or 1) if num_workers is None else num_workers
     return DataLoader(images, batch_size=batch_size, num_workers=workers, collate_fn=_stack_images)
+
+
+def _rows(table: Tensor | None, start: int, count: int) -> Tensor | None:
+    return None if table is None else table[start : start + count]
 
 
 @torch.no_grad()
@@ -88,8 +100,9 @@ def extract_features(
 ) -> Tensor:
     """Run a frozen backbone over images and collect its features.
 
-    Each batch goes through :func:`prepare_images` (scale to [0, 1], optional bilinear
-    antialiased resize, per-channel normalisation) on ``device``. Only one batch lives on
+    Each batch goes through :func:`prepare_images` (scale to [0, 1], the centred square of
+    each source image when the dataset records source sizes, optional bilinear antialiased
+    resize, per-channel normalisation) on ``device``. Only one batch lives on
     ``device`` at a time and the output is preallocated on the CPU, so memory stays bounded by
     ``batch_size`` plus the features themselves.
 
@@ -98,7 +111,7 @@ def extract_features(
             after the batch dimension is flattened. Must already live on ``device``. It is run
             in eval mode and its previous training flag is restored afterwards.
         images: A uint8 ``(N, C, H, W)`` tensor, or a map-style dataset whose items are
-            ``(uint8 (C, H, W) tensor, label, index)`` tuples.
+            :data:`~barlowtwins.data.Item` tuples (image, label, index, source size).
         batch_size: Images per forward pass.
         device: Where the backbone runs.
         mean: Per-channel mean used for normalisation, on the [0, 1] scale.
@@ -136,9 +149,9 @@ def extract_features(
     features: Tensor | None = None
     try:
         start = 0
-        for batch in _batches(images, batch_size, num_workers):
+        for batch, sizes in _batches(images, batch_size, num_workers):
             stop = start + len(batch)
-            x = prepare_images(batch.to(device, non_blocking=True), mean, std, image_size)
+            x = prepare_images(batch.to(device, non_blocking=True), mean, std, image_size, sizes)
             with autocast(device.type, precision):
                 out = backbone(x)
             out = out.flatten(1).float().cpu()

@@ -19,6 +19,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import nn
 
+from barlowtwins.data import first_images
 from barlowtwins.health import (
     EFFECTIVE_RANK,
     EMBEDDING_STD,
@@ -229,7 +230,7 @@ class TrainingHealth(Callback):
         self.initial_effective_rank: float | None = None
         self.warned: list[str] = []
         self._initial_sum = 0.0
-        self._held_out: torch.Tensor | None = None
+        self._held_out: tuple[torch.Tensor, torch.Tensor] | None = None
         self._sums: torch.Tensor | None = None
         self._steps = 0
 
@@ -318,13 +319,12 @@ class TrainingHealth(Callback):
                 problem.message,
             )
 
-    def _held_out_images(self, trainer: L.Trainer) -> torch.Tensor | None:
+    def _held_out_images(self, trainer: L.Trainer) -> tuple[torch.Tensor, torch.Tensor] | None:
         datamodule = getattr(trainer, "datamodule", None)
         for name in ("knn_query", "train"):
             data = getattr(datamodule, name, None)
             if data is not None and len(data) >= 2:
-                count = min(self.held_out_images, len(data))
-                return torch.stack([data[i][0] for i in range(count)])
+                return first_images(data, self.held_out_images)
         return None
 
     def _rank(self, trainer: L.Trainer, pl_module: L.LightningModule) -> float:
@@ -332,5 +332,5 @@ class TrainingHealth(Callback):
         features = getattr(pl_module, "held_out_features")  # noqa: B009 (BarlowTwinsModule's)
         # In the run's precision, like the kNN monitor's features.
         with trainer.precision_plugin.forward_context():
-            held_out = features(self._held_out)
+            held_out = features(*self._held_out)
         return effective_rank(held_out.float())

@@ -226,12 +226,12 @@ class BarlowTwinsModule(L.LightningModule):
         )
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        images, labels, indices = batch
+        images, labels, indices, sizes = batch
         if self._trainer is not None and self.trainer.training:
             # Augmenting here runs on the device, outside autocast: the views are float32.
-            views = self.make_views(images, self._view_generator(images.device))
+            views = self.make_views(images, self._view_generator(images.device), sizes)
         else:
-            views = [prepare_images(images, self.mean, self.std, self._view_size)]
+            views = [prepare_images(images, self.mean, self.std, self._view_size, sizes)]
         return [v.contiguous(memory_format=self._memory_format) for v in views], labels, indices
 
     def _view_generator(self, device: torch.device) -> torch.Generator:
@@ -241,10 +241,19 @@ class BarlowTwinsModule(L.LightningModule):
             generator = self._view_generators[device] = torch.Generator(device)
         return generator.manual_seed(view_seed(self.seed, self.global_rank, self.global_step))
 
-    def make_views(self, images: Tensor, generator: torch.Generator | None = None) -> list[Tensor]:
-        """The ``num_views`` augmented views of a batch: view A, view B, view A, ..."""
+    def make_views(
+        self,
+        images: Tensor,
+        generator: torch.Generator | None = None,
+        sizes: Tensor | None = None,
+    ) -> list[Tensor]:
+        """The ``num_views`` augmented views of a batch: view A, view B, view A, ...
+
+        ``sizes`` are the samples' source sizes (see
+        :class:`~barlowtwins.views.batched.BatchedBarlowTwinsAugment`).
+        """
         pairs = math.ceil(self.hyperparameters.num_views / 2)
-        views = [view for _ in range(pairs) for view in self.augment(images, generator)]
+        views = [view for _ in range(pairs) for view in self.augment(images, generator, sizes)]
         return views[: self.hyperparameters.num_views]
 
     @property
@@ -293,12 +302,12 @@ class BarlowTwinsModule(L.LightningModule):
         return [TrainingHealth(), TrainingClock()]
 
     @torch.no_grad()
-    def held_out_features(self, images: Tensor) -> Tensor:
+    def held_out_features(self, images: Tensor, sizes: Tensor | None = None) -> Tensor:
         """Backbone features of uint8 images, pre-processed as for validation, in eval mode."""
         was_training = self.training
         self.eval()
         try:
-            x = prepare_images(images.to(self.device), self.mean, self.std, self._view_size)
+            x = prepare_images(images.to(self.device), self.mean, self.std, self._view_size, sizes)
             return self.model.features(x.contiguous(memory_format=self._memory_format)).float()
         finally:
             self.train(was_training)

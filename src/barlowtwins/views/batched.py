@@ -11,7 +11,10 @@ How each operation relates to torchvision's per-sample pipeline
 (:class:`barlowtwins.views.pil.BarlowTwinsTransform`):
 
 * Random resized crop: crop boxes follow ``RandomResizedCrop``'s sampling (area fraction
-  uniform, log aspect ratio uniform, ten trials, centre-crop fallback) on integer pixel boxes.
+  uniform, log aspect ratio uniform, ten trials, centre-crop fallback) on integer pixel boxes
+  of each sample's *source* image, the whole of it: a dataset holds each image stretched to a
+  square canvas and knows its source size (``sizes``), so a box is drawn in the source's
+  pixels and read from the canvas at the two axes' scales (see ``boxes_on_canvas``).
   On CPU, for views larger than ``_PER_SAMPLE_RESIZE_MIN`` pixels, each sample's box is sliced
   and resized on its own with bilinear antialiased ``interpolate``, which equals torchvision's
   ``resized_crop(..., BILINEAR, antialias=True)`` (its default) of the box; uint8 images stay
@@ -58,6 +61,7 @@ from barlowtwins.views.kernels import (
     CROP_UNIFORMS,
     ERASE_UNIFORMS,
     JitterStep,
+    boxes_on_canvas,
     coin_flips,
     color_jitter,
     crop_axis_map,
@@ -189,7 +193,10 @@ class BatchedBarlowTwinsAugment(nn.Module):
 
     @torch.no_grad()
     def forward(
-        self, images: Tensor, generator: torch.Generator | None = None
+        self,
+        images: Tensor,
+        generator: torch.Generator | None = None,
+        sizes: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Return two normalised views of a batch (no gradient flows through them).
 
@@ -197,6 +204,10 @@ class BatchedBarlowTwinsAugment(nn.Module):
             images: uint8 images in [0, 255] or floating images in [0, 1], shape (B, C, H, W).
             generator: Source of randomness on the images' device; torch's default one for
                 that device when None.
+            sizes: ``(B, 2)`` height and width of the source image that each sample holds
+                stretched to its ``H x W`` canvas (see :class:`barlowtwins.data.ImageDataset`):
+                crops are drawn on the source, as ``RandomResizedCrop`` on the whole image,
+                and read from the canvas. None: each sample is its own source.
 
         Returns:
             Two contiguous float32 tensors of shape (B, C, image_size, image_size).
@@ -205,8 +216,8 @@ class BatchedBarlowTwinsAugment(nn.Module):
             ValueError: If the images or the generator do not fit (see the messages).
         """
         self._check_inputs(images, generator)
-        params_a = self._sample(images, self.view_a, generator)
-        params_b = self._sample(images, self.view_b, generator)
+        params_a = self._sample(images, self.view_a, generator, sizes)
+        params_b = self._sample(images, self.view_b, generator, sizes)
         views = self._empty_views(images, 2)
         shift = self._shift.to(images.device)
         inv_std = self._inv_std.to(images.device)
@@ -223,6 +234,7 @@ class BatchedBarlowTwinsAugment(nn.Module):
         images_float01: Tensor,
         config: ViewConfig,
         generator: torch.Generator | None = None,
+        sizes: Tensor | None = None,
     ) -> Tensor:
         """Apply one view to a batch and return it before normalisation, in [0, 1].
 
@@ -231,6 +243,7 @@ class BatchedBarlowTwinsAugment(nn.Module):
                 [0, 255] is accepted too).
             config: The view's configuration.
             generator: Source of randomness on the images' device.
+            sizes: Each sample's source size, as for :meth:`forward`.
 
         Returns:
             A contiguous float32 tensor of shape (B, C, image_size, image_size).
@@ -239,7 +252,7 @@ class BatchedBarlowTwinsAugment(nn.Module):
             ValueError: If the images or the generator do not fit (see the messages).
         """
         self._check_inputs(images_float01, generator)
-        params = self._sample(images_float01, config, generator)
+        params = self._sample(images_float01, config, generator, sizes)
         (out,) = self._empty_views(images_float01, 1)
         for chunk in self._chunks(images_float01):
             out[chunk.rows] = self._augment_chunk(chunk, params)
@@ -331,10 +344,16 @@ class BatchedBarlowTwinsAugment(nn.Module):
             )
 
     def _sample(
-        self, images: Tensor, config: ViewConfig, generator: torch.Generator | None
+        self,
+        images: Tensor,
+        config: ViewConfig,
+        generator: torch.Generator | None,
+        sizes: Tensor | None,
     ) -> _ViewParams:
         """Draw every random parameter of one view for each sample of the batch."""
         batch, _, height, width = images.shape
+        canvas = torch.tensor([height, width], device=images.device)
+        sources = canvas.expand(batch, 2) if sizes is None else sizes.to(images.device)
         uniforms = torch.rand(
             batch,
             UNIFORMS_PER_SAMPLE,
@@ -351,7 +370,11 @@ class BatchedBarlowTwinsAugment(nn.Module):
         gray_prob = config.grayscale_prob if self.channels == 3 else 0.0
         low, high = config.blur_sigma
         return _ViewParams(
-            boxes=torch.stack(sample_crop_boxes(crop, height, width, config), dim=1),
+            boxes=boxes_on_canvas(
+                torch.stack(sample_crop_boxes(crop, sources, config), dim=1),
+                sources,
+                (height, width),
+            ),
             shifts=sample_shifts(rest[:, 14:16], largest_shift),
             largest_shift=largest_shift,
             erase=(

@@ -60,14 +60,24 @@ def coin_flips(uniforms: Tensor, prob: float) -> Tensor | None:
 
 
 def sample_crop_boxes(
-    uniforms: Tensor, height: int, width: int, config: ViewConfig
+    uniforms: Tensor, sizes: Tensor, config: ViewConfig
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Vectorised ``RandomResizedCrop.get_params``: integer boxes (top, left, h, w) as floats.
+    """Vectorised ``RandomResizedCrop.get_params`` on each sample's source image.
 
-    Each sample tries ten (area, log-ratio) draws and keeps the first that fits inside the
-    image; samples with none fall back to the largest centred crop within the ratio range.
+    Each sample tries ten (area, log-ratio) draws and keeps the first that fits inside its
+    image; samples with none fall back to the largest centred crop within the ratio range, as
+    torchvision does.
+
+    Args:
+        uniforms: ``(B, 4 * CROP_TRIALS)`` uniforms in [0, 1).
+        sizes: ``(B, 2)`` height and width of each sample's source image, in pixels.
+        config: The view (its ``crop_scale`` and ``crop_ratio``).
+
+    Returns:
+        ``(top, left, height, width)`` of each box in the source's integer pixels, as floats.
     """
     u = uniforms.view(-1, CROP_TRIALS, 4)
+    height, width = (sizes[:, axis : axis + 1].to(torch.float32) for axis in (0, 1))
     scale_low, scale_high = config.crop_scale
     log_low, log_high = math.log(config.crop_ratio[0]), math.log(config.crop_ratio[1])
     target_area = height * width * (scale_low + (scale_high - scale_low) * u[..., 0])
@@ -81,6 +91,7 @@ def sample_crop_boxes(
         return t.gather(1, first).squeeze(1)
 
     crop_w, crop_h = pick(crop_w), pick(crop_h)
+    height, width = height.squeeze(1), width.squeeze(1)
     # floor(u * n) with u in [0, 1) is a uniform integer in [0, n); the clamp guards float
     # rounding of u * n up to n.
     top = torch.minimum(torch.floor(pick(u[..., 2]) * (height - crop_h + 1)), height - crop_h)
@@ -89,11 +100,38 @@ def sample_crop_boxes(
     fallback_h, fallback_w = _fallback_crop(height, width, config.crop_ratio)
     found = fits.any(dim=1)
     return (
-        torch.where(found, top, float((height - fallback_h) // 2)),
-        torch.where(found, left, float((width - fallback_w) // 2)),
-        torch.where(found, crop_h, float(fallback_h)),
-        torch.where(found, crop_w, float(fallback_w)),
+        torch.where(found, top, torch.div(height - fallback_h, 2, rounding_mode="floor")),
+        torch.where(found, left, torch.div(width - fallback_w, 2, rounding_mode="floor")),
+        torch.where(found, crop_h, fallback_h),
+        torch.where(found, crop_w, fallback_w),
     )
+
+
+def boxes_on_canvas(boxes: Tensor, sizes: Tensor, canvas: tuple[int, int]) -> Tensor:
+    """Boxes in source pixels, moved onto the canvas that holds each source image.
+
+    A dataset keeps each image stretched to one canvas size (see
+    :class:`barlowtwins.data.ImageDataset`), so a box of the source maps to the canvas by the
+    two axes' scales; the result is rounded to whole canvas pixels, at least one, inside it.
+
+    Args:
+        boxes: ``(B, 4)`` top, left, height, width in source pixels.
+        sizes: ``(B, 2)`` each source's height and width.
+        canvas: The canvas's height and width.
+
+    Returns:
+        ``(B, 4)`` integer-valued boxes on the canvas.
+    """
+    canvas_h, canvas_w = canvas
+    # top and height scale with the canvas's height, left and width with its width.
+    scale = torch.stack((canvas_h / sizes[:, 0], canvas_w / sizes[:, 1]), dim=1).repeat(1, 2)
+    scale = scale.to(boxes.dtype)
+    on_canvas = torch.round(boxes * scale)
+    start, length = on_canvas[:, :2], on_canvas[:, 2:]
+    limit = torch.tensor(canvas, dtype=boxes.dtype, device=boxes.device)
+    length = torch.clamp(torch.minimum(length, limit), min=1)
+    start = torch.clamp(torch.minimum(start, limit - length), min=0)
+    return torch.cat((start, length), dim=1)
 
 
 def sample_shifts(uniforms: Tensor, largest: int) -> Tensor | None:
@@ -163,14 +201,15 @@ def erase(x: Tensor, boxes: Tensor, fill: Tensor) -> Tensor:
     return torch.where(inside, fill.view(1, -1, 1, 1).to(x.dtype), x)
 
 
-def _fallback_crop(height: int, width: int, ratio: tuple[float, float]) -> tuple[int, int]:
-    """RandomResizedCrop's centre-crop size when no trial fits: (h, w)."""
+def _fallback_crop(
+    height: Tensor, width: Tensor, ratio: tuple[float, float]
+) -> tuple[Tensor, Tensor]:
+    """RandomResizedCrop's centre-crop size of each sample when no trial fits: (h, w)."""
     in_ratio = width / height
-    if in_ratio < ratio[0]:
-        return round(width / ratio[0]), width
-    if in_ratio > ratio[1]:
-        return height, round(height * ratio[1])
-    return height, width
+    narrow, wide = in_ratio < ratio[0], in_ratio > ratio[1]
+    crop_h = torch.where(narrow, torch.round(width / ratio[0]), height)
+    crop_w = torch.where(wide, torch.round(height * ratio[1]), width)
+    return crop_h, crop_w
 
 
 def crop_axis_map(start: Tensor, length: Tensor, size: int, sign: Tensor) -> Tensor:
