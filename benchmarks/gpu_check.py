@@ -283,8 +283,8 @@ def _read_fit(output: Path) -> Outcome:
     results = _read_results(output)
     if results is None:
         return Outcome("no results.json", ok=False)
-    k20 = _dig(results, "knn", "at_k", "20", "barlow twins")
-    k200 = _dig(results, "knn", "at_k", "200", "barlow twins")
+    k20 = _dig(results, "knn", "protocols", "k=20 T=0.07", "top1", "barlow twins")
+    k200 = _dig(results, "knn", "protocols", "k=200 T=0.1", "top1", "barlow twins")
     minutes, training = results.get("minutes"), results.get("training_minutes")
     return Outcome(
         f"test kNN k=20 {_percent(k20)}, k=200 {_percent(k200)}; {minutes} min "

@@ -266,7 +266,7 @@ def main() -> None:
         our_curve = _online_curve(output)
         config = yaml.safe_load((output / "config.yaml").read_text())
     knn = ours["knn"]
-    ours_at_k = knn["at_k"][str(knn["k"])]
+    ours_at_k = knn["protocols"][f"k={knn['k']} T={knn['temperature']:g}"]["top1"]
     if knn["k"] != _KNN_K:
         raise SystemExit(f"fit scored with k={knn['k']}; run it with the default k={_KNN_K}")
     # results.json rounds the minutes to 0.01: lightly trains at least until fit's last epoch.

@@ -64,7 +64,7 @@ nitpicky = True
 _EXTERNAL = (
     r"(torch|torchvision|lightning|L|nn|np|numpy|PIL|Image|matplotlib|sklearn|yaml|timm|pydantic|"
     r"abc|argparse|collections|dataclasses|logging|os|pathlib|typing|types|concurrent|"
-    r"multiprocessing|signal|subprocess|threading|io|contextlib)(\..+)?"
+    r"multiprocessing|signal|subprocess|threading|io|contextlib|litdata|boto3)(\..+)?"
 )
 nitpick_ignore_regex = [
     (r"py:.*", _EXTERNAL),

@@ -8,6 +8,7 @@ hang.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -24,6 +25,23 @@ WAIT_S = 300
 # One intra-op thread in every subprocess: on shared cores, threads that wait for each other
 # cost more than they gain, and runs compared float for float must add in the same order.
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+# A small 2-process gloo run of `barlowtwins fit` on the CPU, seeded, without pictures.
+TWO_CPU_PROCESSES = [
+    "--accelerator",
+    "cpu",
+    "--devices",
+    "2",
+    "--backbone",
+    "resnet10",
+    "--projector-dims",
+    "32",
+    "32",
+    "--precision",
+    "32",
+    "--seed",
+    "0",
+    "--no-plots",
+]
 
 
 @contextmanager
@@ -33,10 +51,12 @@ def paused_fit(
     marker: Path,
     log: Path,
     env: dict[str, str] | None = None,
+    new_session: bool = False,
 ) -> Iterator[subprocess.Popen[bytes]]:
     """``barlowtwins ARGUMENTS`` in a subprocess whose rank 0 writes ``marker`` after training
     step ``pause_step`` and then waits for :func:`go_on`; killed on the way out. ``env`` adds
-    to :data:`ENV` (``VIEW_LOG``, say: see ``_paused_fit.py``)."""
+    to :data:`ENV` (``VIEW_LOG``, say: see ``_paused_fit.py``); ``new_session`` puts the job in
+    a process group of its own."""
     command = [sys.executable, str(PAUSED_FIT), str(pause_step), str(marker), *arguments]
     # A file, not a pipe: nobody reads while the run trains, and a full pipe would stall it.
     with open(log, "wb") as handle:
@@ -46,6 +66,8 @@ def paused_fit(
             stdout=handle,
             stderr=subprocess.STDOUT,
             env={**ENV, **(env or {})},
+            # Its own process group, for a test that signals all of the job's processes.
+            start_new_session=new_session,
         )
     try:
         yield process
@@ -62,6 +84,23 @@ def go_on(process: subprocess.Popen[bytes]) -> None:
     assert process.stdin is not None
     process.stdin.write(b"\n")
     process.stdin.flush()
+
+
+def logged_fit(arguments: list[str], log_folder: Path, log: Path, log_variable: str) -> None:
+    """``barlowtwins`` with ``arguments`` run to its end through ``tests/_paused_fit.py``, which
+    logs every rank's steps into ``log_folder`` (named to it by ``log_variable``); its output
+    goes to ``log``."""
+    log_folder.mkdir()
+    command = [sys.executable, "tests/_paused_fit.py", "-1", str(log_folder / "unused"), *arguments]
+    with open(log, "wb") as handle:
+        result = subprocess.run(
+            command,
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            env={**ENV, log_variable: str(log_folder)},
+            timeout=WAIT_S,
+        )
+    assert result.returncode == 0, tail(log)
 
 
 def tail(log: Path) -> str:
@@ -111,3 +150,14 @@ def wait_until(condition: Callable[[], bool], timeout: float, what: str, log: Pa
         if time.monotonic() > deadline:
             pytest.fail(f"{what} not within {timeout} s:\n{tail(log)}")
         time.sleep(0.1)
+
+
+_ERROR_LINE = re.compile(r"^barlowtwins: error: .+$", re.MULTILINE)
+
+
+def only_error_line(stderr: str) -> str:
+    """The single ``barlowtwins: error:`` line of ``stderr``; no traceback may come with it."""
+    assert "Traceback" not in stderr
+    lines = _ERROR_LINE.findall(stderr)
+    assert len(lines) == 1, stderr
+    return lines[0]

@@ -2,13 +2,28 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
+from barlowtwins.data.index import INDEX_CACHE_ENV
+
 ImageFolderFactory = Callable[..., Path]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Keep the folder indexes the tests write out of the user's cache: set before any test
+    module loads, so the commands the tests start inherit it too."""
+    os.environ[INDEX_CACHE_ENV] = tempfile.mkdtemp(prefix="barlowtwins-test-cache-")
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    shutil.rmtree(os.environ.pop(INDEX_CACHE_ENV, ""), ignore_errors=True)
 
 
 @pytest.fixture

@@ -7,6 +7,7 @@ summary lines in the documented form.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -105,3 +106,17 @@ def test_data_path_benchmark_writes_then_reuses_a_jpeg_folder(tmp_path: Path) ->
         rates = re.findall(r"^(\d+) workers: [\d.]+ images/s$", result.stdout, re.MULTILINE)
         assert rates == ["0", "2"], result.stdout
     assert len(list(folder.glob("*.jpg"))) == 40
+
+
+@pytest.mark.slow
+def test_supervised_ceiling_trains_for_its_minutes_and_scores_both_protocols(
+    tmp_path: Path,
+) -> None:
+    report = tmp_path / "supervised.json"
+    options = ["--minutes", "0.05", "--max-samples", "300", "--json", str(report)]
+    _run("supervised.py", options, timeout=300)
+    results = json.loads(report.read_text())
+    assert results["steps"] >= 1 and 0 <= results["head_test_accuracy"] <= 100
+    assert set(results["knn"]) == {"k=20 T=0.07", "k=200 T=0.1"}
+    for scores in results["knn"].values():
+        assert set(scores) == {"supervised", "raw pixels"}

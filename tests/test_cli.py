@@ -18,6 +18,7 @@ from torchvision.models.resnet import BasicBlock, ResNet
 
 from barlowtwins.app.cli import main
 from barlowtwins.backbones import adapt_stem
+from barlowtwins.evaluation.results import Accuracies
 from barlowtwins.training.callbacks import TRAIN_MINUTES
 
 # What fit counts as this machine's cores when it checks --devices on the CPU.
@@ -65,18 +66,22 @@ def test_fit_writes_everything(fitted: Path) -> None:
     plots = sorted(p.name for p in (fitted / "plots").glob("*.png"))
     assert plots == [
         "cross_correlation.png",
+        "duplicates.png",
         "embedding_tsne.png",
         "health.png",
         "knn_accuracy.png",
         "loss.png",
+        "neighbours.png",
     ]
+    assert (fitted / "plots" / "duplicates.csv").is_file()  # the pairs duplicates.png shows
     results = json.loads((fitted / "results.json").read_text())
-    # The summary scores k=200 beside the run's own --knn-k 20.
-    knn = results["knn"]
-    assert (knn["k"], set(knn["at_k"])) == (20, {"20", "200"})
-    for at_k in knn["at_k"].values():
-        assert set(at_k) == {"barlow twins", "random init", "raw pixels"}
-        assert all(10.0 < accuracy <= 100.0 for accuracy in at_k.values())
+    # The summary scores both standard protocols beside the run's own --knn-k 20 (T=0.1).
+    accuracies = Accuracies.from_dict(results)
+    assert accuracies is not None and accuracies.knn_k == 20
+    assert [p.label for p in accuracies.protocols] == ["k=20 T=0.07", "k=20 T=0.1", "k=200 T=0.1"]
+    for scores in accuracies.knn.values():
+        assert set(scores) == {"barlow twins", "random init", "raw pixels"}
+        assert all(10.0 < accuracy <= 100.0 for accuracy in scores.values())
     assert results["test_images"] == 1000
 
 
@@ -172,7 +177,7 @@ def test_evaluate_knn_and_linear(
     )
     results = json.loads(report.read_text())
     # The shape fit's results.json has.
-    assert 10 < results["knn"]["at_k"]["20"]["barlow twins"] <= 100
+    assert 10 < results["knn"]["protocols"]["k=20 T=0.07"]["top1"]["barlow twins"] <= 100
     assert 10 < results["linear_probe"]["top1"]["barlow twins"] <= 100
     assert results["linear_probe"]["epochs"] == 5
     assert "Linear probe" in capsys.readouterr().out

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from barlowtwins.app.cli import main
+from barlowtwins.evaluation.results import Accuracies
 from barlowtwins.runs import RunFolder, load_pretrained, safe_load
 
 _STORED = Path(__file__).with_name("data") / "run_before_hyperparameters"
@@ -70,7 +71,8 @@ def test_evaluate_reads_it(run: RunFolder, tmp_path: Path) -> None:
     report = tmp_path / "evaluation.json"
     args = ["evaluate", str(run.path), "--max-samples", "100", "--knn-k", "5"]
     assert main([*args, "--accelerator", "cpu", "--json", str(report)]) == 0
-    assert 0 < json.loads(report.read_text())["knn"]["at_k"]["5"]["barlow twins"] <= 100
+    accuracies = Accuracies.from_dict(json.loads(report.read_text()))
+    assert accuracies is not None and 0 < accuracies.own_knn["barlow twins"] <= 100
 
 
 def test_export_and_its_model_card_read_it(run: RunFolder, tmp_path: Path) -> None:
@@ -80,7 +82,7 @@ def test_export_and_its_model_card_read_it(run: RunFolder, tmp_path: Path) -> No
     )
     card = (hf / "README.md").read_text()
     # fit's results (kNN at k=5) and evaluate's probe, each in its old shape.
-    assert "kNN top-1 (k=5)" in card and "linear probe top-1" in card and "61.36" in card
+    assert "kNN top-1 (k=5 T=0.1)" in card and "linear probe top-1" in card and "61.36" in card
     full = tmp_path / "full.safetensors"
     assert main(["export", str(run.path), "--format", "full", "--output", str(full)]) == 0
     classifier = load_pretrained(run.path, with_head=True)

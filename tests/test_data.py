@@ -22,11 +22,13 @@ from barlowtwins.data import (
     FASHION_MNIST_CLASSES,
     FASHION_MNIST_ENV,
     FASHION_MNIST_SYSTEM_DIR,
+    INDEX_CACHE_ENV,
     DataError,
     ImageDataset,
     InMemoryImages,
     LazyImageFolder,
     dataset_stats,
+    folder_index,
     load_data,
     load_fashion_mnist,
     load_image_folder,
@@ -40,6 +42,12 @@ needs_fashion_mnist = pytest.mark.skipif(
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+@pytest.fixture(autouse=True)
+def _index_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Folder indexes go to the test's own cache directory, not the user's."""
+    monkeypatch.setenv(INDEX_CACHE_ENV, str(tmp_path / ".index-cache"))
 
 
 def _noise(width: int, height: int, mode: str = "RGB", seed: int = 0) -> Image.Image:
@@ -428,6 +436,10 @@ def test_rgb_to_greyscale(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- bad files
 
 
+# Rejected by the listing, from their names and types alone; the others are found when decoded.
+_REJECTED_BY_NAME = {"latin1-\\udce9t\\udce9.png", "dangling.jpg", "pipe.png"}
+
+
 def _write_bad_files(folder: Path) -> set[str]:
     """Writes every kind of unusable file; returns their names."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -463,6 +475,14 @@ def _write_good_and_ignored(folder: Path) -> set[str]:
     _save(_noise(8, 8), folder / ".git" / "object.png")
     (folder / "notes.txt").write_text("ignored")
     return {"good.png", "good.jpeg", "tiny.gif", long_name}
+
+
+def test_the_listing_reads_names_only(tmp_path: Path) -> None:
+    bad = _write_bad_files(tmp_path / "mixed")
+    good = _write_good_and_ignored(tmp_path / "mixed")
+    index = folder_index(tmp_path / "mixed")
+    assert set(index.files) == good | (bad - _REJECTED_BY_NAME)
+    assert {name for name, _ in index.skipped} == _REJECTED_BY_NAME
 
 
 def test_bad_files_are_counted_skips(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
@@ -558,14 +578,15 @@ def test_empty_folder_and_bad_roots(tmp_path: Path) -> None:
 def test_lazy_folder_skips_broken_files_at_decode_time(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    bad = _write_bad_files(tmp_path)
-    good = _write_good_and_ignored(tmp_path)
-    dataset = load_image_folder(tmp_path, image_size=8, cache_limit_bytes=0)
+    folder = tmp_path / "mixed"
+    bad = _write_bad_files(folder)
+    good = _write_good_and_ignored(folder)
+    dataset = load_image_folder(folder, image_size=8, cache_limit_bytes=0)
     assert isinstance(dataset, LazyImageFolder)
-    # Header checks catch all but the two truncated files, which fail only when decoded.
-    assert len(dataset) == len(good) + 2
-    assert dataset.num_skipped == len(bad) - 2
-    eager = load_image_folder(tmp_path, image_size=8)
+    # The listing rejects names and types; the other five bad files fail when decoded.
+    assert len(dataset) == len(good) + len(bad) - len(_REJECTED_BY_NAME)
+    assert dataset.num_skipped == len(_REJECTED_BY_NAME)
+    eager = load_image_folder(folder, image_size=8)
     with caplog.at_level(logging.WARNING, logger="barlowtwins.data"):
         for _ in range(2):  # the second pass must not warn again
             for k in range(len(dataset)):
@@ -573,7 +594,21 @@ def test_lazy_folder_skips_broken_files_at_decode_time(
                 assert image.shape == (3, 8, 8) and image.dtype == torch.uint8 and label == -1
                 assert torch.equal(image, eager.images[eager.paths.index(dataset.paths[index])])
     assert dataset.num_skipped == len(bad)
-    assert caplog.text.count("skipping unreadable image") == 2
+    # The first five are logged, the fifth saying that further ones are only counted.
+    assert caplog.text.count("skipping unreadable image") == 5
+    assert caplog.text.count("further ones are counted, not logged") == 1
+
+
+def test_a_lazy_folder_without_any_image_fails_when_loaded(tmp_path: Path) -> None:
+    _write_bad_files(tmp_path / "bad")
+    with pytest.raises(DataError, match=r"no usable images in .* \(8 files skipped: "):
+        load_image_folder(tmp_path / "bad", image_size=8, cache_limit_bytes=0)
+    # Beyond the files tried at load, the error says what it looked at.
+    for k in range(300):
+        (tmp_path / "text" / f"{k:03d}.png").parent.mkdir(exist_ok=True)
+        (tmp_path / "text" / f"{k:03d}.png").write_text("not an image")
+    with pytest.raises(DataError, match=r"none of 150 of its 300 files, spread over the folder"):
+        load_image_folder(tmp_path / "text", image_size=8, cache_limit_bytes=0)
 
 
 def test_lazy_folder_skip_count_shared_with_loader_workers(tmp_path: Path) -> None:

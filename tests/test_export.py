@@ -196,7 +196,8 @@ def test_hf_folder_loads_offline_and_carries_a_model_card(
     assert card.data.datasets == ["zalando-datasets/fashion_mnist"]
     results = json.loads((run / "results.json").read_text())
     knn = {r.metric_name: r.metric_value for r in card.data.eval_results}
-    assert knn["kNN top-1 (k=20)"] == round(results["knn"]["at_k"]["20"]["barlow twins"], 2)
+    trained = results["knn"]["protocols"]["k=20 T=0.07"]["top1"]["barlow twins"]
+    assert knn["kNN top-1 (k=20 T=0.07)"] == round(trained, 2)
     evaluation = json.loads((run / "evaluation.json").read_text())
     probe = evaluation["results"]["linear_probe"]["top1"]["barlow twins"]
     assert knn["linear probe top-1"] == round(probe, 2)

@@ -18,29 +18,22 @@ import pytest
 import yaml
 from PIL import Image
 
-from _fit_process import ENV, WAIT_S, children, paused_fit, tail, wait_for_pause
+from _fit_process import (
+    ENV,
+    TWO_CPU_PROCESSES,
+    WAIT_S,
+    children,
+    logged_fit,
+    paused_fit,
+    tail,
+    wait_for_pause,
+)
 from barlowtwins.runs.files import safe_load
 from conftest import ImageFolderFactory
 
 # 64 images in global batches of 16 (8 per process): 4 steps an epoch.
 _IMAGES, _BATCH, _EPOCHS = 64, 16, 2
 _STEPS = _IMAGES // _BATCH
-_TWO_PROCESSES = [
-    "--accelerator",
-    "cpu",
-    "--devices",
-    "2",
-    "--backbone",
-    "resnet10",
-    "--projector-dims",
-    "32",
-    "32",
-    "--precision",
-    "32",
-    "--seed",
-    "0",
-    "--no-plots",
-]
 # One step past the first epoch's checkpoint.
 _KILL_STEP = _STEPS + 1
 
@@ -57,7 +50,7 @@ def _identical_images(folder: Path) -> Path:
 def _fit_arguments(data: Path, output: Path) -> list[str]:
     return [
         "fit",
-        *_TWO_PROCESSES,
+        *TWO_CPU_PROCESSES,
         "--data",
         str(data),
         "--image-size",
@@ -82,21 +75,6 @@ def _view_logs(folder: Path) -> dict[int, dict[int, str]]:
     return logs
 
 
-def _logged_fit(arguments: list[str], views: Path, log: Path) -> None:
-    """The command to the end, with the views of every rank and step logged into ``views``."""
-    views.mkdir()
-    command = [sys.executable, "tests/_paused_fit.py", "-1", str(views / "unused"), *arguments]
-    with open(log, "wb") as handle:
-        result = subprocess.run(
-            command,
-            stdout=handle,
-            stderr=subprocess.STDOUT,
-            env={**ENV, "VIEW_LOG": str(views)},
-            timeout=WAIT_S,
-        )
-    assert result.returncode == 0, tail(log)
-
-
 @dataclass(frozen=True)
 class _Runs:
     """One uninterrupted run; the same command killed (SIGKILL to both ranks) in its second
@@ -114,7 +92,9 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> _Runs:
     root = tmp_path_factory.mktemp("ranks")
     data = _identical_images(root / "same")
     unbroken = root / "unbroken"
-    _logged_fit(_fit_arguments(data, unbroken), root / "views-unbroken", root / "unbroken.log")
+    logged_fit(
+        _fit_arguments(data, unbroken), root / "views-unbroken", root / "unbroken.log", "VIEW_LOG"
+    )
 
     killed_output, killed_views = root / "killed", root / "views-killed"
     killed_views.mkdir()
@@ -126,7 +106,12 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> _Runs:
         for pid in (*rank1, run.pid):
             os.kill(pid, signal.SIGKILL)
     resumed_from = safe_load(killed_output / "checkpoints" / "last.ckpt")["global_step"]
-    _logged_fit(_fit_arguments(data, killed_output), root / "views-resumed", root / "resumed.log")
+    logged_fit(
+        _fit_arguments(data, killed_output),
+        root / "views-resumed",
+        root / "resumed.log",
+        "VIEW_LOG",
+    )
     return _Runs(
         _view_logs(root / "views-unbroken"),
         unbroken,
@@ -180,7 +165,7 @@ def test_a_two_process_time_budget_plans_steps_of_the_global_batch(tmp_path: Pat
         "-m",
         "barlowtwins",
         "fit",
-        *_TWO_PROCESSES,
+        *TWO_CPU_PROCESSES,
         "--max-samples",
         str(_IMAGES),
         "--val-max-samples",

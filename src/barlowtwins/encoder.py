@@ -25,6 +25,9 @@ from barlowtwins.views.view_config import resolve_normalization
 # Hugging Face folder of such an encoder also loads with timm (not with the small-image stem).
 _SAME_IN_TIMM = frozenset({"resnet18", "resnet34", "resnet50"})
 _TIMM_PREFIX = "timm:"
+# The largest view side an encoder description may state (8192 px views are far beyond any
+# recipe; a header stating more is corrupt or hostile, and would make every image fail).
+MAX_IMAGE_SIZE = 8192
 
 
 @dataclass(frozen=True)
@@ -37,6 +40,28 @@ class EncoderInfo:
     image_size: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        """Refuse what no encoder of ours was trained with: a description read from a file
+        (``backbone.json``, an export's header) is checked before anything is built from it."""
+        if not isinstance(self.backbone, str) or not self.backbone:
+            raise ValueError(f"backbone must be a name, got {self.backbone!r}")
+        if self.in_channels not in (1, 3) or isinstance(self.in_channels, bool):
+            raise ValueError(f"in_channels must be 1 or 3, got {self.in_channels!r}")
+        if not isinstance(self.small_image, bool):
+            raise ValueError(f"small_image must be true or false, got {self.small_image!r}")
+        if not isinstance(self.image_size, int) or not 1 <= self.image_size <= MAX_IMAGE_SIZE:
+            raise ValueError(
+                f"image_size must be an integer in [1, {MAX_IMAGE_SIZE}], got {self.image_size!r}"
+            )
+        for name in ("mean", "std"):
+            values = getattr(self, name)
+            if len(values) != self.in_channels or not all(
+                isinstance(v, int | float) and not isinstance(v, bool) for v in values
+            ):
+                raise ValueError(f"{name} must be {self.in_channels} numbers, got {values!r}")
+        if min(self.std) <= 0:
+            raise ValueError(f"std must be positive, got {self.std!r}")
 
     @classmethod
     def from_hparams(cls, saved: Mapping[str, Any]) -> EncoderInfo:

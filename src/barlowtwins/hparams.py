@@ -138,6 +138,14 @@ class Hyperparameters:
         ge=0,
         le=1,
     )
+    ema_decay: float = hyperparameter(
+        0.0,
+        "decay of an exponential moving average of the weights, which is scored, checkpointed "
+        "and exported (0: none)",
+        fixed_on_resume=True,
+        ge=0,
+        lt=1,
+    )
     precision: Precision | Auto = hyperparameter(
         AUTO, "Lightning precision (auto: bf16-mixed where the hardware runs it fast)"
     )

@@ -1,4 +1,5 @@
-"""The ``barlowtwins`` command: ``fit``, ``embed``, ``evaluate``, ``export`` and ``recipes``."""
+"""The ``barlowtwins`` command: ``fit``, ``embed``, ``evaluate``, ``finetune``, ``neighbours``,
+``export``, ``shards`` and ``recipes``."""
 
 from __future__ import annotations
 
@@ -19,9 +20,9 @@ from barlowtwins.app.export import FORMATS
 from barlowtwins.app.recipes import DEFAULT_RECIPE, RECIPES
 from barlowtwins.loss import NonFiniteLossError
 from barlowtwins.nn.distributed import DistributedJobError
-from barlowtwins.runs.files import CheckpointError
+from barlowtwins.runs.files import CheckpointError, atomic_write
 from barlowtwins.runs.folder import RunFolder
-from barlowtwins.runs.loader import RUN_SOURCES
+from barlowtwins.runs.loader import FINETUNED_HEAD, LINEAR_HEAD, RUN_SOURCES
 
 _log = logging.getLogger("barlowtwins")
 
@@ -68,12 +69,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     ) as error:
         if os.environ.get("BARLOWTWINS_DEBUG"):
             raise
-        message = str(error).splitlines()[0] if str(error) else type(error).__name__
-        print(f"barlowtwins: error: {message}", file=sys.stderr)
+        print(f"barlowtwins: error: {_one_line(error)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("barlowtwins: interrupted", file=sys.stderr)
         return 130
+
+
+def _one_line(error: BaseException) -> str:
+    """The line a user reads for ``error``: its first line, or for an error re-raised from a
+    DataLoader worker ("Caught DataError in DataLoader worker process 0. Original
+    Traceback ...") the worker's own message, its last line."""
+    text = str(error).strip()
+    if not text:
+        return type(error).__name__
+    lines = text.splitlines()
+    if "Original Traceback" in text and len(lines) > 1:
+        _, colon, message = lines[-1].partition(": ")
+        return message.strip() if colon else lines[-1]
+    return lines[0]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -118,17 +132,26 @@ def build_parser() -> argparse.ArgumentParser:
 
     embed = commands.add_parser("embed", help="write backbone features of images to .npz")
     embed.add_argument("checkpoint", type=Path, help=RUN_SOURCES)
-    embed.add_argument("--data", required=True, help="fashion-mnist[:train|:test] or a folder")
+    embed.add_argument(
+        "--data", required=True, help="fashion-mnist[:train|:test], a folder, or shards"
+    )
     embed.add_argument("--output", type=Path, required=True, help="the .npz file to write")
     _add_inference_arguments(embed)
+    _add_s3_endpoint(embed)
     embed.set_defaults(run=_run_embed)
 
     evaluate = commands.add_parser("evaluate", help="kNN / linear-probe accuracy of an encoder")
     evaluate.add_argument("checkpoint", type=Path, help=RUN_SOURCES)
     evaluate.add_argument("--train", default="fashion-mnist:train", help="labelled train data")
     evaluate.add_argument("--test", default="fashion-mnist:test", help="labelled test data")
-    evaluate.add_argument("--knn-k", type=int, default=200, help="neighbours of the kNN vote")
-    evaluate.add_argument("--knn-temperature", type=float, default=0.1)
+    evaluate.add_argument(
+        "--knn-k",
+        type=int,
+        default=200,
+        help="neighbours of a kNN vote scored beside the standard protocols "
+        "(k=20 T=0.07 and k=200 T=0.1)",
+    )
+    evaluate.add_argument("--knn-temperature", type=float, default=0.1, help="its temperature")
     evaluate.add_argument("--linear", action="store_true", help="also train a linear probe")
     evaluate.add_argument("--linear-epochs", type=int, default=100)
     evaluate.add_argument(
@@ -139,7 +162,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument("--json", type=Path, help="also write the results as JSON")
     _add_inference_arguments(evaluate)
+    _add_s3_endpoint(evaluate)
     evaluate.set_defaults(run=_run_evaluate)
+    _add_shards(commands)
+    _add_finetune(commands)
+    _add_neighbours(commands)
 
     export = commands.add_parser(
         "export",
@@ -157,13 +184,178 @@ def build_parser() -> argparse.ArgumentParser:
     )
     export.add_argument(
         "--with-head",
-        action="store_true",
-        help="include the linear head saved by `evaluate --linear --save-head` as the "
-        "model's classifier (safetensors, onnx, hf)",
+        nargs="?",
+        const=LINEAR_HEAD,
+        default=False,
+        choices=(LINEAR_HEAD, FINETUNED_HEAD),
+        help="export a classifier (safetensors, onnx, hf): 'linear' (the default) puts the "
+        "linear head saved by `evaluate --linear --save-head` on the encoder; 'finetuned' "
+        "takes the classifier that `finetune` trained (backbone and head)",
     )
     export.add_argument("--force", action="store_true", help="replace an existing output")
     export.set_defaults(run=_run_export)
     return parser
+
+
+def _add_finetune(commands: Any) -> None:
+    """``finetune``: its options, with the defaults of :class:`FinetuneSettings`."""
+    from barlowtwins.evaluation.finetune import FinetuneSettings
+
+    default = FinetuneSettings()
+    finetune = commands.add_parser(
+        "finetune",
+        help="fine-tune on 1 %% or 10 %% of the labels, against random init and a linear probe",
+        description="Train the backbone and a linear head together on a class-balanced subset "
+        "of the labels (the paper's semi-supervised protocol, official evaluate.py --weights "
+        "finetune), the same network from random init the same way, and a linear probe on the "
+        "frozen features of the subset; print their test top-1 and save the fine-tuned "
+        "classifier into the run (finetuned.safetensors, finetune.json, finetune_labels.csv) "
+        "for `export --with-head finetuned`.",
+    )
+    finetune.add_argument("checkpoint", type=Path, metavar="RUN", help=RUN_SOURCES)
+    amount = finetune.add_mutually_exclusive_group(required=True)
+    amount.add_argument("--percent", type=float, help="percent of the labels, in (0, 100]")
+    amount.add_argument("--labels", type=int, help="number of labels, split evenly over classes")
+    amount.add_argument(
+        "--subset", type=Path, help="train on the images a finetune_labels.csv lists"
+    )
+    finetune.add_argument("--train", default="fashion-mnist:train", help="labelled train data")
+    finetune.add_argument("--test", default="fashion-mnist:test", help="labelled test data")
+    finetune.add_argument(
+        "--seed", type=int, default=default.seed, help="seed of the subset, init and batches"
+    )
+    finetune.add_argument(
+        "--epochs",
+        type=int,
+        default=None,
+        help=f"default: at least {default.min_epochs} epochs and {default.min_steps} steps",
+    )
+    finetune.add_argument(
+        "--batch-size", type=int, default=default.batch_size, help="images per step (%(default)s)"
+    )
+    finetune.add_argument(
+        "--lr-backbone",
+        type=float,
+        default=default.lr_backbone,
+        help="peak SGD learning rate of the backbone (%(default)s)",
+    )
+    finetune.add_argument(
+        "--lr-classifier",
+        type=float,
+        default=default.lr_classifier,
+        help="peak SGD learning rate of the linear head (%(default)s)",
+    )
+    finetune.add_argument(
+        "--weight-decay", type=float, default=default.weight_decay, help="(%(default)s)"
+    )
+    finetune.add_argument(
+        "--hflip-prob",
+        type=float,
+        default=default.hflip_prob,
+        help="horizontal-flip probability (%(default)s; 0 where orientation matters)",
+    )
+    finetune.add_argument(
+        "--baseline",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also train the same network from random init (default: yes)",
+    )
+    finetune.add_argument(
+        "--output", type=Path, help="the folder to write into (default: the run folder)"
+    )
+    finetune.add_argument(
+        "--precision", help="autocast precision (default: bf16 where the hardware runs it fast)"
+    )
+    finetune.add_argument("--data-dir", type=Path, help="Fashion-MNIST directory")
+    finetune.add_argument("--download", action="store_true", help="download Fashion-MNIST")
+    finetune.add_argument("--max-samples", type=int, help="draw from a subset of --train")
+    finetune.add_argument(
+        "--accelerator",
+        "--device",
+        dest="accelerator",
+        default="auto",
+        help="auto (a GPU when there is one), cpu, gpu, cuda or cuda:N (default: auto)",
+    )
+    finetune.set_defaults(run=_run_finetune)
+
+
+def _add_neighbours(commands: Any) -> None:
+    """``neighbours``: its options, with the defaults of :class:`NeighbourSettings`."""
+    from barlowtwins.app.neighbours import NeighbourSettings
+
+    default = NeighbourSettings()
+    neighbours = commands.add_parser(
+        "neighbours",
+        help="pictures of what an encoder learned: nearest neighbours, near-duplicates",
+        description="Draw random query images of --data, each followed by its nearest "
+        "neighbours in the encoder's embedding (neighbours.png), and list the pairs above a "
+        "cosine similarity as near-duplicates (duplicates.csv, duplicates.png).",
+    )
+    neighbours.add_argument("checkpoint", type=Path, metavar="RUN", help=RUN_SOURCES)
+    neighbours.add_argument(
+        "--data", required=True, help="a folder (labelled or not) or fashion-mnist[:train|:test]"
+    )
+    neighbours.add_argument(
+        "--output", type=Path, help="the folder to write into (default: RUN/neighbours)"
+    )
+    neighbours.add_argument("--queries", type=int, default=default.queries, help="grid rows")
+    neighbours.add_argument("--k", type=int, default=default.k, help="neighbours per query")
+    neighbours.add_argument(
+        "--threshold",
+        type=float,
+        default=default.threshold,
+        help="cosine similarity from which a pair is a near-duplicate",
+    )
+    neighbours.add_argument(
+        "--max-pairs", type=int, default=default.max_pairs, help="pairs listed at most"
+    )
+    neighbours.add_argument("--seed", type=int, default=default.seed, help="seed of the queries")
+    _add_inference_arguments(neighbours)
+    neighbours.set_defaults(run=_run_neighbours)
+
+
+def _add_shards(commands: Any) -> None:
+    """``shards``: its options, with the defaults of :mod:`barlowtwins.app.shards`."""
+    from barlowtwins.app.shards import DEFAULT_CHUNK_BYTES, DEFAULT_QUALITY, DEFAULT_SIDE
+
+    shards = commands.add_parser(
+        "shards",
+        help="write an image folder as LitData shards, for data larger than a disk",
+        description="Shuffle the images of FOLDER (class subfolders give labels), shrink each "
+        "to a shorter side of --side pixels (aspect kept) and write them as JPEGs, with their "
+        "labels and source sizes, into LitData shards in the new folder OUTPUT. Train on them "
+        "with fit --data OUTPUT, or upload OUTPUT as it is and give --data s3://bucket/prefix. "
+        "An interrupted run starts again; a finished OUTPUT is left as it is.",
+    )
+    shards.add_argument("folder", type=Path, metavar="FOLDER", help="the image folder")
+    shards.add_argument("output", type=Path, metavar="OUTPUT", help="the new folder of shards")
+    shards.add_argument(
+        "--side",
+        type=int,
+        default=DEFAULT_SIDE,
+        help=f"shorter side of the stored images, never enlarged (default: {DEFAULT_SIDE})",
+    )
+    shards.add_argument(
+        "--quality",
+        type=int,
+        default=DEFAULT_QUALITY,
+        help=f"JPEG quality, 1-95 (default: {DEFAULT_QUALITY})",
+    )
+    shards.add_argument("--seed", type=int, default=0, help="seed of the shuffle (default: 0)")
+    shards.add_argument("--workers", type=int, help="encoding processes (default: one per core)")
+    shards.add_argument(
+        "--chunk-bytes",
+        default=DEFAULT_CHUNK_BYTES,
+        help=f"bytes per shard (default: {DEFAULT_CHUNK_BYTES})",
+    )
+    shards.set_defaults(run=_run_shards)
+
+
+def _add_s3_endpoint(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--s3-endpoint",
+        help="endpoint URL of s3:// shards (default: boto3's, e.g. from AWS_ENDPOINT_URL)",
+    )
 
 
 def _add_inference_arguments(parser: argparse.ArgumentParser) -> None:
@@ -236,6 +428,7 @@ def _run_embed(args: argparse.Namespace) -> int:
         max_samples=args.max_samples,
         batch_size=args.batch_size,
         accelerator=args.accelerator,
+        s3_endpoint=args.s3_endpoint,
     )
     arrays: dict[str, Any] = {"embeddings": features.numpy()}
     if dataset.labels is not None:
@@ -246,7 +439,13 @@ def _run_embed(args: argparse.Namespace) -> int:
         arrays["indices"] = np.arange(len(dataset))
     output = args.output if args.output.suffix == ".npz" else args.output.with_suffix(".npz")
     output.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(output, **arrays)
+
+    def write(tmp: Path) -> None:
+        # To an open file: given a name, np.savez would add ".npz" to the temporary one.
+        with open(tmp, "wb") as handle:
+            np.savez(handle, **arrays)
+
+    atomic_write(output, write)
     print(f"wrote {output}: {features.shape[0]} embeddings of size {features.shape[1]}")
     return 0
 
@@ -268,15 +467,110 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         max_samples=args.max_samples,
         batch_size=args.batch_size,
         accelerator=args.accelerator,
+        s3_endpoint=args.s3_endpoint,
     )
     print(accuracies.table())
     if args.json:
-        args.json.write_text(json.dumps(accuracies.to_dict(), indent=2) + "\n")
+        text = json.dumps(accuracies.to_dict(), indent=2) + "\n"
+        atomic_write(args.json, lambda tmp: tmp.write_text(text))
     if args.save_head:
         folder = RunFolder(Path())
         print(
             f"saved the linear head into the run folder ({folder.linear_head}, {folder.evaluation})"
         )
+    return 0
+
+
+def _run_shards(args: argparse.Namespace) -> int:
+    from barlowtwins.app.shards import write_shards
+
+    manifest = write_shards(
+        args.folder,
+        args.output,
+        side=args.side,
+        quality=args.quality,
+        seed=args.seed,
+        workers=args.workers,
+        chunk_bytes=args.chunk_bytes,
+    )
+    labels = "unlabelled" if manifest.classes is None else f"{len(manifest.classes)} classes"
+    print(
+        f"{args.output}: {manifest.count} images ({labels}), {len(manifest.unusable)} files "
+        "left out; train with --data OUTPUT, or upload OUTPUT and give --data s3://..."
+    )
+    return 0
+
+
+def _run_finetune(args: argparse.Namespace) -> int:
+    from barlowtwins.app.finetune import LabelAmount, finetune
+    from barlowtwins.evaluation.finetune import FinetuneSettings
+
+    settings = FinetuneSettings(
+        lr_backbone=args.lr_backbone,
+        lr_classifier=args.lr_classifier,
+        weight_decay=args.weight_decay,
+        batch_size=args.batch_size,
+        epochs=args.epochs,
+        hflip_prob=args.hflip_prob,
+        seed=args.seed,
+    )
+    amount = (
+        None if args.subset is not None else LabelAmount(percent=args.percent, count=args.labels)
+    )
+    accuracies, folder = finetune(
+        args.checkpoint,
+        amount,
+        train=args.train,
+        test=args.test,
+        settings=settings,
+        subset=args.subset,
+        baseline=args.baseline,
+        output=args.output,
+        precision=args.precision,
+        accelerator=args.accelerator,
+        data_dir=args.data_dir,
+        download=args.download,
+        max_samples=args.max_samples,
+    )
+    print(accuracies.table())
+    print(
+        f"\nwrote {folder.path}: {folder.finetuned.name}, {folder.finetune_results.name}, "
+        f"{folder.finetune_labels.name}"
+    )
+    return 0
+
+
+def _run_neighbours(args: argparse.Namespace) -> int:
+    from barlowtwins.app.neighbours import NeighbourSettings, find_neighbours
+
+    settings = NeighbourSettings(
+        queries=args.queries,
+        k=args.k,
+        threshold=args.threshold,
+        max_pairs=args.max_pairs,
+        seed=args.seed,
+    )
+    summary, output = find_neighbours(
+        args.checkpoint,
+        args.data,
+        args.output,
+        settings=settings,
+        accelerator=args.accelerator,
+        batch_size=args.batch_size,
+        data_dir=args.data_dir,
+        download=args.download,
+        max_samples=args.max_samples,
+    )
+    if summary.same_class is not None:
+        print(
+            f"the {settings.k} nearest neighbours share their query's class for "
+            f"{summary.same_class:.1f} % of {summary.agreement_queries} random queries"
+        )
+    print(
+        f"{summary.pairs} pairs of {summary.images} images at cosine similarity >= "
+        f"{summary.threshold} ({summary.groups} groups; {summary.pairs_listed} listed)"
+    )
+    print(f"wrote {output}: {', '.join(summary.files)}")
     return 0
 
 

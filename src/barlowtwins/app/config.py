@@ -14,7 +14,6 @@ from pathlib import Path
 from types import UnionType
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 from pydantic.fields import FieldInfo
 
@@ -28,6 +27,7 @@ from barlowtwins.app.recipes import (
 from barlowtwins.data.spec import DataSpec
 from barlowtwins.hparams import AUTO, BOUNDS, Hyperparameters
 from barlowtwins.precision import default_precision
+from barlowtwins.runs.files import read_small_yaml
 
 
 class ConfigError(ValueError):
@@ -46,7 +46,10 @@ class FitConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     recipe: str = Field(description="named preset of every hyperparameter (barlowtwins recipes)")
-    data: str = Field(description="fashion-mnist[:train|:test] or an image folder")
+    data: str = Field(
+        description="fashion-mnist[:train|:test], an image folder, or shards (the folder "
+        "barlowtwins shards wrote, or s3://bucket/prefix)"
+    )
     val_data: str | None = Field(
         description="labelled data for the kNN monitor and final score "
         "(fashion-mnist:test when training on fashion-mnist)"
@@ -80,6 +83,12 @@ class FitConfig(BaseModel):
     knn_k: int = Field(200, ge=1, description="neighbours of the kNN monitor and final score")
     knn_bank_size: int = Field(10000, ge=1, description="training images in the kNN monitor")
     seed: int = Field(0, description="random seed")
+    ddp_timeout_minutes: float = Field(
+        10,
+        gt=0,
+        description="how long a process waits for the others in a collective before the job "
+        "fails (a hung or lost rank); long enough for the slowest checkpoint or kNN monitor",
+    )
     compile: bool = Field(False, description="torch.compile the model")
     plots: bool = Field(True, description="write PNG plots at the end")
     steps_per_epoch: int | None = Field(
@@ -87,6 +96,15 @@ class FitConfig(BaseModel):
         ge=1,
         description="optimiser steps per epoch, each from a fresh shuffle (default: all the "
         "data; --time-budget sets it)",
+    )
+    checkpoint_every_n_steps: int | None = Field(
+        None,
+        ge=1,
+        description="also write checkpoints/last.ckpt every N optimiser steps, inside epochs: "
+        "a rerun after a crash resumes from there (mid-epoch exactly with shards)",
+    )
+    s3_endpoint: str | None = Field(
+        None, description="endpoint URL of s3:// shards (default: boto3's, e.g. AWS_ENDPOINT_URL)"
     )
     hparams: Hyperparameters = Field(description="the method's hyperparameters")
 
@@ -266,6 +284,10 @@ def _recipe_values(recipe: Recipe, user: dict[str, Any], spec: DataSpec) -> dict
         from barlowtwins.data.folders import summarize_folder
 
         summary = summarize_folder(spec.path)
+    elif needs_data and spec.shards is not None:
+        from barlowtwins.data.streaming import summarize_shards
+
+        summary = summarize_shards(spec.shards, user.get("s3_endpoint"))
     values = recipe.resolved(summary).to_dict()
     if "optimizer" in user and user["optimizer"] != recipe.hparams.optimizer:
         # The recipe's learning rates are for its own optimiser.
@@ -282,7 +304,13 @@ def _resolve_run_autos(values: dict[str, Any], spec: DataSpec) -> None:
         if name == "precision":
             values[name] = default_precision(str(values.get("accelerator", "auto")))
         elif name == "num_workers":
-            values[name] = 0 if spec.is_fashion_mnist else _folder_workers(spec, values)
+            values[name] = (
+                0
+                if spec.is_fashion_mnist
+                else _LAZY_FOLDER_WORKERS
+                if spec.is_shards
+                else _folder_workers(spec, values)
+            )
         elif name == "channels":
             values[name] = 1 if spec.is_fashion_mnist else 3
         else:
@@ -344,9 +372,9 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        content = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as error:
-        raise ConfigError(f"{path} is not valid YAML: {str(error).splitlines()[0]}") from None
+        content = read_small_yaml(path)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
     if content is None:
         return {}
     if not isinstance(content, dict):
@@ -367,7 +395,19 @@ def _check_environment(config: FitConfig) -> None:
 
 def _check_devices(config: FitConfig) -> None:
     import torch
+    from lightning.pytorch.accelerators import AcceleratorRegistry
 
+    # Lightning's own names, and "gpu" (CUDA here); a name it does not know, or hardware this
+    # machine lacks, fails here rather than in the Trainer after the data is loaded.
+    known = {*AcceleratorRegistry.available_accelerators(), "gpu", "auto"}
+    if config.accelerator not in known:
+        raise ConfigError(
+            f"accelerator must be one of {', '.join(sorted(known))}, got {config.accelerator!r}"
+        )
+    if config.accelerator not in ("auto", "gpu", "cuda", "cpu"):
+        accelerator = AcceleratorRegistry[config.accelerator]["accelerator"]
+        if not accelerator.is_available():
+            raise ConfigError(f"accelerator {config.accelerator} is not available on this machine")
     wants_gpu = config.accelerator in ("gpu", "cuda")
     if wants_gpu and not torch.cuda.is_available():
         raise ConfigError("accelerator gpu requested but no CUDA device is available")

@@ -14,9 +14,11 @@ Formats (:data:`FORMATS`):
 * ``full``: backbone and projector, keys ``backbone.*`` and ``projector.*`` of
   :class:`barlowtwins.BarlowTwins`, to continue training or fine-tune elsewhere.
 
-With ``with_head``, the linear head that ``evaluate --linear --save-head`` stored in the run
-becomes the module's classifier (``fc`` of a torchvision ResNet, timm's classifier): the
-export is a classifier, not an encoder followed by a random ``fc``.
+With ``with_head``, a head stored in the run becomes the module's classifier (``fc`` of a
+torchvision ResNet, timm's classifier): the export is a classifier, not an encoder followed by
+a random ``fc``. ``"linear"`` (or ``True``) takes the linear head of ``evaluate --linear
+--save-head`` on the run's backbone; ``"finetuned"`` takes the classifier of ``barlowtwins
+finetune``, whose backbone was trained with its head (``finetuned.safetensors``).
 
 Every output is written under a temporary name next to its target and renamed into place, so a
 failed export leaves nothing half-written.
@@ -47,16 +49,25 @@ from barlowtwins.encoder import (
     is_timm,
     timm_name,
 )
-from barlowtwins.runs.files import atomic_write, current_umask
+from barlowtwins.runs.files import (
+    WriteError,
+    atomic_write,
+    current_umask,
+    file_system_refusal,
+)
 from barlowtwins.runs.loader import (
     CLASSIFIER_CONTENT,
     ENCODER_CONTENT,
+    FINETUNED_HEAD,
+    FINETUNED_KEY,
     FORMAT_KEY,
     FULL_CONTENT,
     HF_CONFIG,
     HF_PLOTS,
     HF_WEIGHTS,
+    LINEAR_HEAD,
     TrainedEncoder,
+    load_finetuned,
     load_trained_encoder,
 )
 
@@ -83,7 +94,7 @@ def export(
     format: str,
     output: str | Path,
     *,
-    with_head: bool = False,
+    with_head: bool | str = False,
     force: bool = False,
 ) -> Path:
     """Export the encoder of a run.
@@ -92,7 +103,9 @@ def export(
         run_path: Anything :func:`barlowtwins.runs.loader.load_trained_encoder` reads.
         format: One of :data:`FORMATS`.
         output: The file (``safetensors``, ``onnx``, ``full``) or folder (``hf``) to write.
-        with_head: Include the linear head saved by ``evaluate --linear --save-head``.
+        with_head: Export a classifier: ``"linear"`` (or ``True``) with the linear head
+            saved by ``evaluate --linear --save-head``, ``"finetuned"`` the classifier saved
+            by ``finetune`` (backbone and head); ``False`` the encoder alone.
         force: Replace an existing output (a folder only if it is an earlier ``hf`` export).
 
     Returns:
@@ -105,11 +118,17 @@ def export(
     """
     if format not in FORMATS:
         raise ExportError(f"unknown format {format!r}; choose one of {', '.join(FORMATS)}")
+    if with_head not in (False, True, LINEAR_HEAD, FINETUNED_HEAD):
+        raise ExportError(f"--with-head takes {LINEAR_HEAD} or {FINETUNED_HEAD}, got {with_head!r}")
     if with_head and format == "full":
         raise ExportError("--with-head applies to the safetensors, onnx and hf formats")
     output = Path(output)
     _check_target(output, format, force)
-    run = load_trained_encoder(run_path, projector=format == "full")
+    run = (
+        load_finetuned(run_path)
+        if with_head == FINETUNED_HEAD
+        else load_trained_encoder(run_path, projector=format == "full")
+    )
     head = run.matching_head() if with_head else None
     output.parent.mkdir(parents=True, exist_ok=True)
     if format == "hf":
@@ -147,7 +166,13 @@ def _replace_folder(output: Path, write: Callable[[Path], None]) -> None:
     """Write a folder under a temporary name, then swap it into place."""
     tmp = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.", suffix=".tmp"))
     try:
-        write(tmp)
+        try:
+            write(tmp)
+        except Exception as error:
+            cause = file_system_refusal(tmp, error)
+            if cause is None:
+                raise
+            raise WriteError(f"cannot write {output}: {cause}") from None
         os.chmod(tmp, 0o777 & ~current_umask())
         if not output.exists():
             os.replace(tmp, output)
@@ -192,6 +217,9 @@ def header(
     }
     if timm_name(info) is not None:
         metadata["timm_model"] = str(timm_name(info))
+    if FINETUNED_KEY in run.metadata:
+        # A fine-tuned classifier's exports say so, and how it was trained.
+        metadata[FINETUNED_KEY] = run.metadata[FINETUNED_KEY]
     if head is not None:
         metadata["classifier"] = classifier_name(encoder)
         metadata["num_classes"] = str(head.num_classes)
@@ -216,6 +244,19 @@ def _write_safetensors(run: TrainedEncoder, head: LinearHead | None, target: Pat
     encoder, tensors = _encoder_tensors(run, head)
     content = CLASSIFIER_CONTENT if head is not None else ENCODER_CONTENT
     save_file(tensors, target, metadata=header(run, encoder, content=content, head=head))
+
+
+def save_classifier(run: TrainedEncoder, target: Path) -> Path:
+    """Write ``run``'s backbone and head as ``export --format safetensors --with-head`` does,
+    atomically; ``finetune`` saves its classifier so, and the header keeps the protocol that
+    ``run.metadata`` holds under ``"finetuned"``.
+
+    Raises:
+        CheckpointError: If ``run`` has no head, or one trained on other backbone weights.
+    """
+    head = run.matching_head()
+    atomic_write(target, lambda tmp: _write_safetensors(run, head, tmp))
+    return target
 
 
 def _write_full(run: TrainedEncoder, target: Path) -> None:

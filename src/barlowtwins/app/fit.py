@@ -11,7 +11,9 @@ import json
 import logging
 import time
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -20,16 +22,26 @@ import torch
 import yaml
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, Logger
+from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from barlowtwins.app.budget import TimeBudget
 from barlowtwins.app.config import ConfigError, FitConfig
 from barlowtwins.app.launch import run_training
 from barlowtwins.app.report import describe_hardware, score_encoders, write_plots
 from barlowtwins.data import ImageDataset, first_images, load_data
+from barlowtwins.data.streaming import StreamingImages
 from barlowtwins.encoder import EncoderInfo
 from barlowtwins.hparams import Hyperparameters, checkpoint_values
 from barlowtwins.loss import cross_correlation
-from barlowtwins.runs.files import safe_load, save_encoder
+from barlowtwins.runs.files import (
+    CheckpointError,
+    atomic_write,
+    read_small_yaml,
+    run_lock,
+    safe_load,
+    save_encoder,
+)
 from barlowtwins.runs.folder import RunFolder
 from barlowtwins.training.callbacks import (
     AtomicCheckpointIO,
@@ -37,15 +49,18 @@ from barlowtwins.training.callbacks import (
     PreemptionCheckpoint,
     ProgressBar,
     RngStateCheckpoint,
+    SignalStop,
+    WeightEMA,
 )
 from barlowtwins.training.datamodule import BarlowTwinsDataModule
 from barlowtwins.training.module import BarlowTwinsModule
 
 _log = logging.getLogger("barlowtwins")
+# What every checkpoint of Lightning's Trainer holds beside the module's weights.
+_LIGHTNING_CHECKPOINT_KEYS = frozenset(
+    {"state_dict", "hyper_parameters", "pytorch-lightning_version", "loops", "global_step"}
+)
 
-# The final summary's kNN also reports these neighbour counts: 20 (DINO's protocol) and
-# 200 (InstDisc's and lightly's).
-SUMMARY_K = (20, 200)
 # Folders are loaded a little larger than the views so that random crops are not upsampled.
 _FOLDER_LOAD_SCALE = 8 / 7
 
@@ -75,21 +90,30 @@ def fit(config: FitConfig, *, callbacks: Sequence[Callback] = ()) -> dict[str, A
 
     Returns:
         The contents of ``results.json`` on rank 0; an empty dict on other ranks.
+
+    Raises:
+        RunInUseError: When another ``fit`` writes into the same output.
     """
-    started = time.perf_counter()
-    run = prepare(config, callbacks=callbacks)
-    training_started = time.perf_counter()
-    run_training(run.trainer, run.module, run.datamodule, run.folder.last_checkpoint)
-    if not run.trainer.is_global_zero:
-        return {}
-    if config.hparams.time_budget is not None:
-        # TimeBudget planned the run and re-planned its epochs: config.yaml records the
-        # schedule the run trained.
-        run.config = _with_plan(run.config, run.trainer.max_epochs, run.trainer.limit_train_batches)
-        _write_config(run.folder, run.config)
-    return finish(
-        run, started=started, training_minutes=(time.perf_counter() - training_started) / 60
-    )
+    # The job's first process holds the run folder for the whole run; the ranks it launches
+    # (and the other ranks of torchrun or SLURM) write into it under its lock.
+    first_process = getattr(rank_zero_only, "rank", 0) == 0  # from RANK, LOCAL_RANK, SLURM_PROCID
+    with run_lock(RunFolder(Path(config.output))) if first_process else nullcontext():
+        started = time.perf_counter()
+        run = prepare(config, callbacks=callbacks)
+        training_started = time.perf_counter()
+        run_training(run.trainer, run.module, run.datamodule, run.folder.last_checkpoint)
+        if not run.trainer.is_global_zero:
+            return {}
+        if config.hparams.time_budget is not None:
+            # TimeBudget planned the run and re-planned its epochs: config.yaml records the
+            # schedule the run trained.
+            run.config = _with_plan(
+                run.config, run.trainer.max_epochs, run.trainer.limit_train_batches
+            )
+            _write_config(run.folder, run.config)
+        return finish(
+            run, started=started, training_minutes=(time.perf_counter() - training_started) / 60
+        )
 
 
 def prepare(config: FitConfig, *, callbacks: Sequence[Callback] = ()) -> TrainingSetup:
@@ -118,6 +142,7 @@ def prepare(config: FitConfig, *, callbacks: Sequence[Callback] = ()) -> Trainin
         knn_query=val,
         num_workers=config.num_workers,
         pin_memory=torch.cuda.is_available(),
+        seed=config.seed,
     )
     run = TrainingSetup(
         config,
@@ -145,7 +170,8 @@ def prepare(config: FitConfig, *, callbacks: Sequence[Callback] = ()) -> Trainin
 
 
 def _write_config(folder: RunFolder, config: FitConfig) -> None:
-    folder.config.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    text = yaml.safe_dump(config.to_dict(), sort_keys=False)
+    atomic_write(folder.config, lambda tmp: tmp.write_text(text))
 
 
 def _resumed_config(folder: RunFolder) -> dict[str, Any] | None:
@@ -153,7 +179,13 @@ def _resumed_config(folder: RunFolder) -> dict[str, Any] | None:
     saved = folder.config
     if not (folder.last_checkpoint.is_file() and saved.is_file()):
         return None
-    return yaml.safe_load(saved.read_text()) or {}
+    try:
+        content = read_small_yaml(saved)
+    except ValueError as error:
+        raise ConfigError(f"{error}; move it away to resume without it") from None
+    if content is not None and not isinstance(content, dict):
+        raise ConfigError(f"{saved} is not a run's config; move it away to resume without it")
+    return content or {}
 
 
 def _check_budget_unchanged(
@@ -215,7 +247,11 @@ def load_datasets(config: FitConfig) -> tuple[ImageDataset, ImageDataset | None]
         if spec.is_fashion_mnist
         else round(int(config.hparams.image_size) * _FOLDER_LOAD_SCALE)
     )
-    common: dict[str, Any] = {"data_dir": config.data_dir, "download": config.download}
+    common: dict[str, Any] = {
+        "data_dir": config.data_dir,
+        "download": config.download,
+        "s3_endpoint": config.s3_endpoint,
+    }
     train = load_data(
         spec,
         image_size=load_size,
@@ -257,6 +293,18 @@ def build_trainer(
             enable_version_counter=False,
         )
     ]
+    if config.checkpoint_every_n_steps is not None:
+        # The same last.ckpt inside epochs too (Lightning takes steps or epochs per callback):
+        # with the loops' progress and LitData's loader state, a rerun resumes mid-epoch.
+        checkpoints.append(
+            ModelCheckpoint(
+                dirpath=folder.checkpoints,
+                filename=folder.last_checkpoint.stem,
+                every_n_train_steps=config.checkpoint_every_n_steps,
+                save_top_k=1,
+                enable_version_counter=False,
+            )
+        )
     if monitor:
         checkpoints.append(
             ModelCheckpoint(
@@ -269,6 +317,8 @@ def build_trainer(
                 enable_version_counter=False,
             )
         )
+    decay = config.hparams.ema_decay
+    averaging: list[Callback] = [WeightEMA(decay)] if decay > 0 else []
     plugins: list[Any] = [AtomicCheckpointIO()]
     ddp = config.world_size > 1 or config.strategy == "ddp"
     if ddp:
@@ -279,12 +329,16 @@ def build_trainer(
         accelerator=config.accelerator,
         devices=config.devices,
         num_nodes=config.num_nodes,
-        strategy="ddp" if ddp else "auto",
+        strategy=(
+            DDPStrategy(timeout=timedelta(minutes=config.ddp_timeout_minutes)) if ddp else "auto"
+        ),
         precision=config.hparams.precision,  # type: ignore[arg-type]
         plugins=plugins,
         callbacks=[
             *checkpoints,
+            *averaging,
             PreemptionCheckpoint(folder.last_checkpoint),
+            SignalStop(),
             RngStateCheckpoint(),
             ProgressBar(),
             *callbacks,
@@ -322,7 +376,7 @@ def finish(run: TrainingSetup, *, started: float, training_minutes: float) -> di
             run.train,
             run.val,
             k=config.knn_k,
-            more_k=SUMMARY_K,
+            temperature=module.knn_temperature,
             seed=config.seed,
             precision=str(run.trainer.precision),
             device=device,
@@ -335,11 +389,18 @@ def finish(run: TrainingSetup, *, started: float, training_minutes: float) -> di
             test_features=test_features,
             test=run.val,
             cross_correlation=_held_out_cross_correlation(module, run.val or run.train, device),
+            encoder=module.backbone,
+            info=info,
+            train=run.train,
+            device=device,
+            precision=str(run.trainer.precision),
+            seed=config.seed,
         )
     results["minutes"] = round((time.perf_counter() - started) / 60, 2)
     # This invocation's trainer.fit only (a resumed run's earlier invocations not included).
     results["training_minutes"] = round(training_minutes, 2)
-    folder.results.write_text(json.dumps(results, indent=2) + "\n")
+    text = json.dumps(results, indent=2) + "\n"
+    atomic_write(folder.results, lambda tmp: tmp.write_text(text))
     if accuracies is not None:
         print("\n" + accuracies.table())
     print(
@@ -365,7 +426,13 @@ def _held_out_cross_correlation(
 def _check_resumable(last: Path, module: BarlowTwinsModule) -> None:
     """Refuse to resume a checkpoint whose weights, optimiser state or schedule depend on a
     value this run changed (the hyperparameters marked ``fixed_on_resume``, and the channels)."""
-    saved = checkpoint_values(safe_load(last).get("hyper_parameters") or {})
+    content = safe_load(last)
+    if not (isinstance(content, dict) and set(content) >= _LIGHTNING_CHECKPOINT_KEYS):
+        raise CheckpointError(
+            f"{last} is not a checkpoint of barlowtwins fit (a torch file without Lightning's "
+            "training state); move it away to start over, or use a new --output"
+        )
+    saved = checkpoint_values(content.get("hyper_parameters") or {})
     current = checkpoint_values(module.hparams)
     fixed = (*Hyperparameters.fixed_on_resume(), "in_channels")
     changed = [
@@ -387,6 +454,10 @@ def _knn_bank(train: ImageDataset, config: FitConfig) -> ImageDataset:
     same every epoch and on every rank), or all of them when there are fewer."""
     if len(train) <= config.knn_bank_size:
         return train
+    if isinstance(train, StreamingImages):
+        # Shards are shuffled when written: their first images are a random sample, and
+        # reading them touches the fewest shards.
+        return train.head(config.knn_bank_size)
     order = torch.randperm(len(train), generator=torch.Generator().manual_seed(config.seed))
     return train.subset(order[: config.knn_bank_size])
 
@@ -418,16 +489,40 @@ def merge_metrics(folder: RunFolder) -> Path:
     merged: list[dict[str, str]] = []
     columns: list[str] = []
     for log in sorted(folder.logs.glob("run-*/metrics.csv")):
-        with open(log, newline="") as handle:
-            rows = list(csv.DictReader(handle))
+        rows = _complete_rows(log)
         if not rows:
             continue
         first_step = int(rows[0]["step"])
         merged = [row for row in merged if int(row["step"]) < first_step] + rows
         columns += [key for key in rows[0] if key not in columns]
-    target = folder.metrics
-    with open(target, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(merged)
-    return target
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows(merged)
+
+    atomic_write(folder.metrics, write)
+    return folder.metrics
+
+
+def _complete_rows(log: Path) -> list[dict[str, str]]:
+    """The rows of one invocation's CSV log that are whole; a log torn by a kill (a cut last
+    line, a garbled row) loses only those rows, with a warning."""
+    try:
+        with open(log, newline="", errors="replace") as handle:
+            reader = csv.DictReader(handle)
+            rows = list(reader)
+    except csv.Error as error:
+        _log.warning("skipped %s, which is not a CSV log (%s)", log, error)
+        return []
+    whole = [
+        row
+        for row in rows
+        if None not in row and None not in row.values() and row.get("step", "").isdigit()
+    ]
+    if len(whole) < len(rows):
+        _log.warning(
+            "skipped %d torn row(s) of %s (an interrupted write)", len(rows) - len(whole), log
+        )
+    return whole

@@ -11,7 +11,7 @@ import torch
 from barlowtwins.data import DataError, ImageDataset, load_data
 from barlowtwins.encoder import EncoderInfo, LinearHead
 from barlowtwins.evaluation import bank_device, extract_features, knn_accuracy, linear_probe
-from barlowtwins.evaluation.results import TRAINED, Accuracies
+from barlowtwins.evaluation.results import TRAINED, Accuracies, knn_protocols
 from barlowtwins.runs.loader import fingerprint, load_trained_encoder, save_head
 
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda")
@@ -108,8 +108,9 @@ def evaluate_encoder(
         checkpoint: Anything :func:`barlowtwins.runs.loader.load_trained_encoder` reads.
         train: Labelled data the kNN bank and the probe are fitted on.
         test: Labelled data they are scored on.
-        knn_k: Neighbours of the weighted kNN vote.
-        knn_temperature: Temperature of the vote.
+        knn_k: Neighbours of the weighted kNN vote, scored beside the standard protocols
+            (:data:`~barlowtwins.evaluation.results.STANDARD_KNN`).
+        knn_temperature: Temperature of that vote.
         linear: Also train and score a linear probe.
         linear_epochs: Epochs of the probe.
         save_linear_head: Write the probe's classifier (``linear_head.safetensors``) and these
@@ -140,22 +141,26 @@ def evaluate_encoder(
     train_features = _features(backbone, info, train_data, batch_size, target)
     test_features = _features(backbone, info, test_data, batch_size, target)
     num_classes = int(max(train_data.labels.max(), test_data.labels.max())) + 1
-    knn = knn_accuracy(
-        train_features,
-        train_data.labels,
-        test_features,
-        test_data.labels,
-        num_classes=num_classes,
-        k=knn_k,
-        temperature=knn_temperature,
-        device=target,
-    )
     accuracies = Accuracies(
         train_images=len(train_data),
         test_images=len(test_data),
         knn_k=knn_k,
         knn_temperature=knn_temperature,
-        knn={str(knn_k): {TRAINED: knn}},
+        knn={
+            protocol.label: {
+                TRAINED: knn_accuracy(
+                    train_features,
+                    train_data.labels,
+                    test_features,
+                    test_data.labels,
+                    num_classes=num_classes,
+                    k=protocol.k,
+                    temperature=protocol.temperature,
+                    device=target,
+                )
+            }
+            for protocol in knn_protocols(knn_k, knn_temperature)
+        },
     )
     if linear:
         # The probe trains where its features fit.

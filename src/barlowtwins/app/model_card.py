@@ -1,10 +1,10 @@
 """The model card of a Hugging Face export: the ``README.md`` of ``barlowtwins export --format hf``.
 
 It is written from what the run folder recorded (``config.yaml``, ``results.json``,
-``evaluation.json``, ``metrics.csv``, the plots), with YAML front matter as ``huggingface_hub``
-reads it, and never fills in what the run did not record. It is kept apart from the format
-writers (:mod:`barlowtwins.app.export`) because it is prose about the run, not a file format:
-the writers only call :func:`model_card`.
+``evaluation.json``, ``finetune.json``, ``metrics.csv``, the plots), with YAML front matter as
+``huggingface_hub`` reads it, and never fills in what the run did not record. It is kept apart
+from the format writers (:mod:`barlowtwins.app.export`) because it is prose about the run, not
+a file format: the writers only call :func:`model_card`.
 """
 
 from __future__ import annotations
@@ -26,8 +26,9 @@ from barlowtwins.encoder import (
     is_timm,
     timm_name,
 )
+from barlowtwins.evaluation.finetune import FinetuneAccuracies
 from barlowtwins.evaluation.results import TRAINED, Accuracies
-from barlowtwins.runs.loader import HF_PLOTS, HF_WEIGHTS, TrainedEncoder
+from barlowtwins.runs.loader import FINETUNED_KEY, HF_PLOTS, HF_WEIGHTS, TrainedEncoder
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
@@ -68,7 +69,17 @@ def model_card(
     library = "timm" if is_timm(info) else "torchvision"
     trained = Accuracies.from_dict(results) if results else None
     evaluated = Accuracies.from_dict(evaluation["results"]) if evaluation else None
+    finetune = _read_finetune(folder.finetune_results) if folder else None
+    # The classifier exported is the one `finetune` trained (its header says so).
+    finetuned = head is not None and FINETUNED_KEY in run.metadata
     metrics = _card_metrics(trained, evaluated)
+    if finetuned and finetune is not None:
+        metrics.append(
+            (
+                f"fine-tuned top-1 ({finetune[0].labels} labels)",
+                round(float(finetune[0].finetuned[TRAINED]), 2),
+            )
+        )
 
     front: dict[str, Any] = {
         "library_name": "barlowtwins",
@@ -104,7 +115,7 @@ def model_card(
             }
         ]
     lines = ["---", yaml.safe_dump(front, sort_keys=False).rstrip(), "---", ""]
-    title = "classifier" if head else "encoder"
+    title = ("fine-tuned " if finetuned else "") + ("classifier" if head else "encoder")
     lines += [
         f"# Barlow Twins {info.backbone} {title}" + (f" ({dataset_name})" if data else ""),
         "",
@@ -117,8 +128,11 @@ def model_card(
         "Barlow Twins (Zbontar et al. 2021, [arXiv 2103.03230](https://arxiv.org/abs/2103.03230))"
         " by the [barlowtwins](https://pypi.org/project/barlowtwins/) library"
         + (
-            f", with a linear classifier over {head.num_classes} classes trained on its frozen "
-            "features."
+            f", then fine-tuned end to end with a linear classifier over {head.num_classes} "
+            "classes (`barlowtwins finetune`)."
+            if head and finetuned
+            else f", with a linear classifier over {head.num_classes} classes trained on its "
+            "frozen features."
             if head
             else "."
         ),
@@ -126,6 +140,8 @@ def model_card(
     ]
     lines += _training_section(config, results)
     lines += _results_section(trained, evaluated, (evaluation or {}).get("protocol"))
+    if finetune is not None:
+        lines += _finetune_section(*finetune, exported=finetuned)
     lines += _health_section(folder.metrics if folder else None, info, config)
     if plots:
         lines += ["## Plots", ""]
@@ -138,15 +154,48 @@ def model_card(
 def _card_metrics(
     trained: Accuracies | None, evaluated: Accuracies | None
 ) -> list[tuple[str, float]]:
-    """The model index's metrics: ``fit``'s kNN at each ``k`` and ``evaluate``'s probe."""
+    """The model index's metrics: ``fit``'s kNN under each protocol and ``evaluate``'s probe."""
     metrics: list[tuple[str, float]] = []
-    for k, scores in (trained.knn if trained else {}).items():
+    for protocol in trained.protocols if trained else []:
+        scores = trained.knn[protocol.label] if trained else {}
         if TRAINED in scores:
-            metrics.append((f"kNN top-1 (k={k})", round(float(scores[TRAINED]), 2)))
+            metrics.append((f"kNN top-1 ({protocol.label})", round(float(scores[TRAINED]), 2)))
     probe = evaluated.linear_probe.get(TRAINED) if evaluated else None
     if probe is not None:
         metrics.append(("linear probe top-1", round(float(probe), 2)))
     return metrics
+
+
+def _read_finetune(path: Path) -> tuple[FinetuneAccuracies, dict[str, Any]] | None:
+    """The results and protocol of ``finetune.json``, or None when absent or unreadable."""
+    content = _read_json(path) or {}
+    try:
+        return FinetuneAccuracies.from_dict(content["results"]), dict(content["protocol"])
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def _finetune_section(
+    results: FinetuneAccuracies, protocol: dict[str, Any], *, exported: bool
+) -> list[str]:
+    lines = [
+        "## Fine-tuning with few labels",
+        "",
+        f"`barlowtwins finetune` trained the backbone and a linear head together on "
+        f"{results.labels} labels ({results.percent:.4g} % of {results.train_images} "
+        f"training images, class-balanced) for {results.epochs} epochs ({results.steps} "
+        f"steps), and scored them on {results.test_images} test images; beside it, the same "
+        "network trained identically from random initialisation, and a linear probe on the "
+        "frozen pretrained features of the same labels"
+        + (" (this model is the first row's classifier)" if exported else "")
+        + ":",
+        "",
+        "| model | top-1 % |",
+        "|---|---:|",
+    ]
+    lines += [f"| {name} | {value:.2f} |" for name, value, _ in results.rows()]
+    lines += ["", "Protocol: `" + json.dumps(protocol) + "`", ""]
+    return lines
 
 
 def _training_section(config: dict[str, Any] | None, results: dict[str, Any] | None) -> list[str]:
@@ -204,19 +253,22 @@ def _results_section(
 ) -> list[str]:
     lines = ["## Results", ""]
     if trained and trained.knn:
-        columns = sorted(trained.knn, key=int)
-        encoders = list(trained.knn[columns[0]])
+        columns = [protocol.label for protocol in trained.protocols]
         lines += [
             f"Weighted kNN top-1 accuracy (%) on {trained.test_images} test images: cosine "
-            f"similarity, temperature {trained.knn_temperature}, all {trained.train_images} "
-            "training images vote (measured by `barlowtwins fit` at the end of training):",
+            f"similarity, the k nearest of all {trained.train_images} training images vote "
+            "with weight exp(similarity / T) (measured by `barlowtwins fit` at the end of "
+            "training):",
             "",
-            "| encoder | " + " | ".join(f"k={k}" for k in columns) + " |",
+            "| encoder | " + " | ".join(columns) + " |",
             "|---|" + "---:|" * len(columns),
         ]
         lines += [
-            f"| {name} | " + " | ".join(f"{trained.knn[k][name]:.2f}" for k in columns) + " |"
-            for name in encoders
+            f"| {name} | "
+            + " | ".join(_percent(trained.knn[label].get(name)) for label in columns)
+            + " |"
+            for name in trained.encoders
+            if any(name in trained.knn[label] for label in columns)
         ]
         lines.append("")
     if evaluated:
@@ -230,9 +282,9 @@ def _results_section(
             ("test images", evaluated.test_images),
         ]
         rows += [
-            (f"kNN top-1 % (k={k})", scores[TRAINED])
-            for k, scores in evaluated.knn.items()
-            if TRAINED in scores
+            (f"kNN top-1 % ({protocol.label})", evaluated.knn[protocol.label][TRAINED])
+            for protocol in evaluated.protocols
+            if TRAINED in evaluated.knn[protocol.label]
         ]
         if TRAINED in evaluated.linear_probe:
             rows.append(("linear probe top-1 %", evaluated.linear_probe[TRAINED]))
@@ -247,6 +299,10 @@ def _results_section(
     if not (trained and trained.knn) and not evaluated:
         lines += ["No accuracy was measured for this run.", ""]
     return lines
+
+
+def _percent(value: float | None) -> str:
+    return "" if value is None else f"{value:.2f}"
 
 
 def _last_logged(metrics_csv: Path) -> dict[str, tuple[int, float]]:

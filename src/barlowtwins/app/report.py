@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
+from barlowtwins.app.neighbours import (
+    DUPLICATES_PNG,
+    GRID_PNG,
+    NeighbourSettings,
+    neighbour_report,
+)
 from barlowtwins.backbones import build_backbone
 from barlowtwins.data import ImageDataset, InMemoryImages
 from barlowtwins.encoder import EncoderInfo
 from barlowtwins.evaluation import extract_features, knn_accuracy, raw_pixel_features
-from barlowtwins.evaluation.results import TRAINED, Accuracies
+from barlowtwins.evaluation.results import TRAINED, Accuracies, knn_protocols
 from barlowtwins.precision import cpu_name
 from barlowtwins.runs.folder import RunFolder
 
@@ -21,6 +26,11 @@ _log = logging.getLogger("barlowtwins")
 
 # t-SNE is quadratic-ish: a few thousand test points show the clusters in seconds.
 _TSNE_POINTS = 3000
+# The neighbour pictures search this many training images at most (a seeded sample beyond):
+# features and the duplicate search over 20 000 Fashion-MNIST images take seconds on 2 CPU
+# cores, where the whole 60 000 would add a minute (the search is quadratic); `barlowtwins
+# neighbours` searches everything.
+_NEIGHBOUR_POOL = 20_000
 
 
 def score_encoders(
@@ -30,7 +40,6 @@ def score_encoders(
     test: ImageDataset,
     *,
     k: int,
-    more_k: Sequence[int] = (),
     temperature: float = 0.1,
     seed: int = 0,
     precision: str = "32",
@@ -38,12 +47,14 @@ def score_encoders(
 ) -> tuple[Accuracies, torch.Tensor]:
     """Test kNN accuracy of the trained encoder, the same encoder at random init, and pixels.
 
-    All three use the same protocol: the whole ``train`` set votes (weighted kNN, cosine
-    similarity) for each ``test`` image. The encoders run on ``device`` (default: where the
-    backbone is), one batch at a time, and the votes are counted there while the bank fits.
+    All three are scored alike: the whole ``train`` set votes (weighted kNN, cosine
+    similarity) for each ``test`` image, under both standard protocols and the run's own
+    (``k``, ``temperature``) (:func:`~barlowtwins.evaluation.results.knn_protocols`). The
+    encoders run on ``device`` (default: where the backbone is), one batch at a time, and the
+    votes are counted there while the bank fits.
 
     Returns:
-        The accuracies at ``k`` and every ``more_k``, and the trained encoder's test features.
+        The accuracies, and the trained encoder's test features.
     """
     assert train.labels is not None and test.labels is not None
     device = next(backbone.parameters()).device if device is None else device
@@ -62,19 +73,19 @@ def score_encoders(
         )
 
     train_labels, test_labels = train.labels, test.labels
-    neighbours = sorted({k, *more_k})
-    at_k: dict[str, dict[str, float]] = {str(n): {} for n in neighbours}
+    protocols = knn_protocols(k, temperature)
+    scores: dict[str, dict[str, float]] = {protocol.label: {} for protocol in protocols}
 
     def score(name: str, train_features: torch.Tensor, test_features: torch.Tensor) -> None:
-        for n in neighbours:
-            at_k[str(n)][name] = knn_accuracy(
+        for protocol in protocols:
+            scores[protocol.label][name] = knn_accuracy(
                 train_features,
                 train_labels,
                 test_features,
                 test_labels,
                 num_classes=num_classes,
-                k=n,
-                temperature=temperature,
+                k=protocol.k,
+                temperature=protocol.temperature,
                 device=device,
             )
 
@@ -94,7 +105,7 @@ def score_encoders(
         test_images=len(test),
         knn_k=k,
         knn_temperature=temperature,
-        knn=at_k,
+        knn=scores,
     )
     return accuracies, test_features
 
@@ -106,8 +117,19 @@ def write_plots(
     test_features: torch.Tensor | None,
     test: ImageDataset | None,
     cross_correlation: torch.Tensor | None,
+    encoder: nn.Module | None = None,
+    info: EncoderInfo | None = None,
+    train: ImageDataset | None = None,
+    device: torch.device | None = None,
+    precision: str = "32",
+    seed: int = 0,
 ) -> list[str]:
     """Write the PNGs of a run into its ``plots/``; returns their names.
+
+    With ``encoder``, ``info`` and ``train``, also what the encoder learned from the training
+    images alone (:func:`~barlowtwins.app.neighbours.neighbour_report`): their nearest
+    neighbours and near-duplicate pairs (``neighbours.png``, ``duplicates.png`` and the pairs
+    in ``duplicates.csv``), on at most ``_NEIGHBOUR_POOL`` of them.
 
     A plot that cannot be drawn (e.g. no kNN monitor ran) is skipped with a log line: plots
     never fail a finished training run.
@@ -120,7 +142,7 @@ def write_plots(
     # The monitor's bank is a sample of the training set; the final scores let all training
     # images vote, so they are drawn as references rather than joined to the curve.
     baselines = (
-        {f"{name}, final": value for name, value in accuracies.knn[str(accuracies.knn_k)].items()}
+        {f"{name}, final": value for name, value in accuracies.own_knn.items()}
         if accuracies
         else None
     )
@@ -157,6 +179,21 @@ def write_plots(
             written.append(name)
         except (ValueError, OSError) as error:
             _log.warning("skipped plot %s: %s", name, error)
+    if encoder is not None and info is not None and train is not None:
+        settings = NeighbourSettings(pool=_NEIGHBOUR_POOL, seed=seed)
+        try:
+            summary = neighbour_report(
+                encoder,
+                info,
+                train,
+                directory,
+                settings=settings,
+                device=device,
+                precision=precision,
+            )
+            written += [name for name in summary.files if name.endswith(".png")]
+        except (ValueError, OSError) as error:
+            _log.warning("skipped plots %s, %s: %s", GRID_PNG, DUPLICATES_PNG, error)
     return written
 
 

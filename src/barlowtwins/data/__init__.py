@@ -25,6 +25,13 @@ from barlowtwins.data.folders import (
     load_image_folder,
     summarize_folder,
 )
+from barlowtwins.data.index import (
+    INDEX_CACHE_ENV,
+    FolderIndex,
+    folder_index,
+    index_cache_dir,
+    index_file,
+)
 from barlowtwins.data.sources import load_data
 from barlowtwins.data.spec import DataSpec, DataSummary
 
@@ -33,9 +40,11 @@ __all__ = [
     "FASHION_MNIST_ENV",
     "FASHION_MNIST_SYSTEM_DIR",
     "IMAGE_EXTENSIONS",
+    "INDEX_CACHE_ENV",
     "DataError",
     "DataSpec",
     "DataSummary",
+    "FolderIndex",
     "ImageDataset",
     "InMemoryImages",
     "Item",
@@ -43,6 +52,9 @@ __all__ = [
     "dataset_stats",
     "first_images",
     "fits_in_memory",
+    "folder_index",
+    "index_cache_dir",
+    "index_file",
     "load_data",
     "load_fashion_mnist",
     "load_image_folder",

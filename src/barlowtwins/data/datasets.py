@@ -31,7 +31,7 @@ class DataError(ValueError):
     """A data source is missing or unusable; the message is one user-facing line."""
 
 
-#: A dataset item: image (uint8 canvas), label (-1 when unlabeled), index, source size.
+# A dataset item: image (uint8 canvas), label (-1 when unlabeled), index, source size.
 Item = tuple[Tensor, int, int, Tensor]
 
 

@@ -1,17 +1,21 @@
-"""Folders of image files: scanning, decoding with PIL, and the datasets built from them.
+"""Folders of image files: decoding with PIL, and the datasets built from them.
 
-Folders are scanned deterministically and every file that cannot be used (corrupt, truncated,
-not an image, decompression bomb, odd name, ...) is skipped and counted instead of crashing a
-run. :func:`load_image_folder` decodes a folder into memory when it fits and otherwise returns a
-:class:`LazyImageFolder`, which decodes per access with the same decoder and so lives here.
+A folder is listed once into a :class:`~barlowtwins.data.index.FolderIndex` (cached on disk
+and shared by every process, see :mod:`barlowtwins.data.index`), which rejects entries by name
+and type only. Every file that then cannot be used (empty, unreadable, corrupt, truncated, not
+an image, decompression bomb, ...) is found when it is decoded, and skipped and counted
+instead of crashing a run. :func:`load_image_folder` decodes a folder into memory when it fits
+and otherwise returns a :class:`LazyImageFolder`, which decodes per access with the same
+decoder and so lives here.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,27 +32,40 @@ from barlowtwins.data.datasets import (
     Item,
     check_geometry,
 )
+from barlowtwins.data.index import IMAGE_EXTENSIONS, folder_index
 from barlowtwins.data.spec import DataSummary
 
 _log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
 # Modes whose samples span 0..65535; PIL's own convert("L") clips them at 255.
 _SIXTEEN_BIT_MODES = frozenset({"I", "I;16", "I;16B", "I;16L", "I;16N"})
 _ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "RGBa", "La"})
 _WHITE = (255, 255, 255, 255)
 _SKIPS_LISTED = 5
+# Files that may vanish during a run (see vanished_limit): 1 % of the folder, at least 10.
+_VANISHED_SHARE = 0.01
+_VANISHED_MIN = 10
+# Files whose headers are read to size a folder (summarize_folder), and that are tried before
+# a folder is read lazily, to find out before training that none of its files is an image.
+_SAMPLE = 256
 # Folders whose decoded pixels fit in this many bytes are decoded once and kept in memory.
 CACHE_LIMIT_BYTES = 4 * 2**30
+
+
+def vanished_limit(count: int) -> int:
+    """How many of ``count`` indexed files may disappear during a run before it stops: a few
+    are skipped and counted like any bad file, more mean the folder changed under the run."""
+    return max(_VANISHED_MIN, math.ceil(_VANISHED_SHARE * count))
 
 
 class LazyImageFolder(ImageDataset):
     """Image files decoded on every access, for folders too large to hold in memory.
 
-    Headers were validated when the folder was scanned; a file that still fails to decode is
-    logged once, counted in :attr:`num_skipped` and replaced by the next decodable sample, so a
-    training run never stops on one bad file. The failure marks live in shared memory so that
-    DataLoader worker processes update the same count.
+    A file that fails to decode (empty, unreadable, corrupt, truncated, not an image, a
+    decompression bomb) is counted in :attr:`num_skipped` and replaced by the next decodable
+    sample, so a training run never stops on one bad file; the first few are logged. The
+    failure marks live in shared memory so that DataLoader worker processes update the same
+    count.
 
     Args:
         paths: Image files, one per sample.
@@ -83,10 +100,14 @@ class LazyImageFolder(ImageDataset):
         self.channels = channels
         self.skipped = list(skipped)
         self._failed = torch.zeros(len(self.paths), dtype=torch.bool).share_memory_()
+        # Failures logged so far, by any worker (a count for the log only: not atomic).
+        self._logged = torch.zeros(1, dtype=torch.int64).share_memory_()
+        # Files listed in the index that no longer exist, seen by any worker.
+        self._vanished = torch.zeros(1, dtype=torch.int64).share_memory_()
 
     @property
     def num_skipped(self) -> int:  # type: ignore[override]
-        """Files rejected at scan time plus files that failed to decode since."""
+        """Files rejected when the folder was listed plus files that failed to decode since."""
         return len(self.skipped) + int(self._failed.sum())
 
     def __len__(self) -> int:
@@ -101,7 +122,8 @@ class LazyImageFolder(ImageDataset):
             its source (height, width))``.
 
         Raises:
-            DataError: If no file in the folder can be decoded any more.
+            DataError: If no file in the folder can be decoded any more, or more files than
+                :func:`vanished_limit` allows have disappeared since the folder was indexed.
         """
         n = len(self.paths)
         start = range(n)[index]
@@ -113,7 +135,24 @@ class LazyImageFolder(ImageDataset):
             if isinstance(result, Decoded):
                 return torch.from_numpy(result.canvas), self._label(i), i, result.size
             self._failed[i] = True
-            _log.warning("skipping unreadable image %s: %s", _printable(self.paths[i]), result)
+            if not os.path.exists(self.paths[i]):
+                self._vanished += 1
+                if int(self._vanished[0]) > vanished_limit(n):
+                    raise DataError(
+                        f"{int(self._vanished[0])} of the {n} images indexed have vanished "
+                        f"(e.g. {_printable(self.paths[i])}): the data changed under the run; "
+                        "restore them, or rerun the command to index the folder anew "
+                        "(the last checkpoint is kept)"
+                    )
+            if int(self._logged[0]) < _SKIPS_LISTED:
+                self._logged += 1
+                last = int(self._logged[0]) == _SKIPS_LISTED
+                _log.warning(
+                    "skipping unreadable image %s: %s%s",
+                    _printable(self.paths[i]),
+                    result,
+                    "; further ones are counted, not logged" if last else "",
+                )
         raise DataError(f"none of the {n} images can be decoded any more")
 
 
@@ -128,17 +167,21 @@ def load_image_folder(
 ) -> ImageDataset:
     """Loads every image file below ``root`` as ``channels x image_size x image_size`` uint8.
 
-    The folder is scanned recursively in sorted order, skipping hidden entries (names starting
-    with ``.``) and visiting every real directory once, so symlink loops end. Following the
-    ImageFolder convention, when all images sit in first-level subfolders, those subfolders are
-    the classes; images directly in ``root`` make the whole folder unlabeled.
+    The folder's files are those of its :func:`~barlowtwins.data.index.folder_index` (listed
+    recursively in sorted order, skipping hidden entries and visiting every real directory
+    once, so symlink loops end; reused from the cache while the folder is unchanged).
+    Following the ImageFolder convention, when all images sit in first-level subfolders, those
+    subfolders are the classes; images directly in ``root`` make the whole folder unlabeled.
 
     Each image is EXIF-rotated, reduced to its first frame, converted to L or RGB (transparency
     composited on white, 16-bit samples scaled to 8 bits) and resized whole, each axis on its
     own, to ``image_size x image_size`` (bicubic, antialiased): the canvas holds the entire
     image, and the dataset keeps its source size so that crops are drawn with the source's own
     aspect ratio (see :class:`~barlowtwins.data.datasets.ImageDataset`). Files that cannot be
-    used are counted in ``num_skipped`` and the first few are logged.
+    used are counted in ``num_skipped`` and the first few are logged: when the folder is
+    decoded into memory, all of them at once; when it is read lazily, as they are met (files
+    spread over the folder are decoded until one works, so that a folder with no image at all
+    fails here).
 
     Args:
         root: Folder to scan.
@@ -154,7 +197,8 @@ def load_image_folder(
         An :class:`InMemoryImages` or a :class:`LazyImageFolder`.
 
     Raises:
-        DataError: If ``root`` is not a folder, an argument is invalid or no image is usable.
+        DataError: If ``root`` is not a folder, an argument is invalid or no image is usable
+            (lazily read: none of a sample of the files).
     """
     check_geometry(image_size, channels)
     if max_samples is not None and max_samples < 1:
@@ -170,18 +214,18 @@ def load_image_folder(
     if not root.is_dir():
         raise DataError(f"{root} is a file; expected a folder of images or 'fashion-mnist'")
 
-    scan = _scan(root)
-    files = scan.files
-    if max_samples is not None and len(files) > max_samples:
-        keep = np.sort(np.random.default_rng(0).permutation(len(files))[:max_samples])
-        files = [files[i] for i in keep]
-    classes, labels = _assign_labels(root, files)
-    skipped = list(scan.skipped)
+    index = folder_index(root)
+    paths = index.paths(root)
+    tops = index.tops
+    if max_samples is not None and len(paths) > max_samples:
+        keep = np.sort(np.random.default_rng(0).permutation(len(paths))[:max_samples])
+        paths, tops = [paths[i] for i in keep.tolist()], tops[keep]
+    classes, labels = _assign_labels(root, index.folders, tops, subset=max_samples is not None)
+    skipped = [(_printable(os.path.join(root, path)), reason) for path, reason in index.skipped]
 
     with warnings.catch_warnings():
         # Bombs are detected and skipped explicitly; PIL's warning would only repeat that.
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        paths = [f.path for f in files]
         if len(paths) * channels * image_size**2 <= cache_limit_bytes:
             images, sizes, good = _decode_all(paths, image_size, channels, workers, skipped)
             dataset: ImageDataset | None = (
@@ -197,19 +241,23 @@ def load_image_folder(
                 else None
             )
         else:
-            good = _probe_all(paths, workers, skipped)
+            # Bad files are found as they are decoded; decoding files spread over the folder
+            # until one works (usually the first) finds a folder without a single image now
+            # rather than in the first training step.
+            found, failures = _first_decodable(paths, image_size, channels)
             dataset = (
-                LazyImageFolder(
-                    [paths[i] for i in good.tolist()],
-                    None if labels is None else labels[good],
-                    classes,
-                    image_size,
-                    channels,
-                    skipped,
-                )
-                if good.numel()
+                LazyImageFolder(paths, labels, classes, image_size, channels, skipped)
+                if found
                 else None
             )
+            if dataset is None and len(failures) == len(paths):
+                skipped.extend(failures.items())  # every file was read: name them all
+            elif dataset is None:
+                sample = "; ".join(f"{p} ({r})" for p, r in list(failures.items())[:_SKIPS_LISTED])
+                raise DataError(
+                    f"no usable images in {root}: none of {len(failures)} of its "
+                    f"{len(paths)} files, spread over the folder, can be read ({sample})"
+                )
 
     if skipped:
         listed = "; ".join(f"{p} ({r})" for p, r in skipped[:_SKIPS_LISTED])
@@ -223,11 +271,12 @@ def load_image_folder(
     return dataset
 
 
-def summarize_folder(root: str | Path, sample: int = 256) -> DataSummary:
+def summarize_folder(root: str | Path, sample: int = _SAMPLE) -> DataSummary:
     """Count the image files below ``root`` and measure the median shorter side of a sample.
 
-    Only the files' headers are read (PIL opens lazily), so this is quick even for large
-    folders; recipes use it to choose view size, batch and epochs.
+    The count comes from the folder's index (the same one :func:`load_image_folder` uses) and
+    only the sampled files' headers are read (PIL opens lazily), so this is quick even for
+    large folders; recipes use it to choose view size, batch and epochs.
 
     Args:
         root: Image folder.
@@ -236,43 +285,46 @@ def summarize_folder(root: str | Path, sample: int = 256) -> DataSummary:
     Raises:
         DataError: If ``root`` cannot be listed or has no readable image.
     """
-    files = _scan(Path(root)).files
-    rng = np.random.default_rng(0)
-    picked = rng.permutation(len(files))[:sample].tolist()
+    index = folder_index(root)
+    prefix = os.path.join(root, "")
+    picked = np.random.default_rng(0).permutation(len(index))[:sample].tolist()
     sides = []
-    for index in picked:
+    for path in (prefix + index.files[i] for i in picked):
         try:
-            with Image.open(files[int(index)].path) as image:
+            with open_image_checked(path) as image:
                 sides.append(min(image.size))
-        except (OSError, ValueError, Image.DecompressionBombError):
+        # PIL raises many exception types on corrupt data (OSError, SyntaxError, ...).
+        except Exception:
             continue
     if not sides:
         raise DataError(f"no readable image in {root}")
-    return DataSummary(count=len(files), median_side=int(np.median(sides)))
+    return DataSummary(count=len(index), median_side=int(np.median(sides)))
 
 
 def fits_in_memory(
     root: str | Path, *, image_size: int, channels: int, limit_bytes: int = CACHE_LIMIT_BYTES
 ) -> bool:
-    """Whether :func:`load_image_folder` decodes ``root`` once into memory (else per batch)."""
-    count = len(_scan(Path(root)).files)
+    """Whether :func:`load_image_folder` decodes ``root`` once into memory (else per batch);
+    counted from the folder's index, which that load then reuses."""
+    count = len(folder_index(root))
     return count * channels * image_size * image_size <= limit_bytes
 
 
-@dataclass(frozen=True)
-class _File:
-    """A candidate image file and the first-level subfolder it was found in (None: root)."""
+def _first_decodable(
+    paths: Sequence[str], image_size: int, channels: int
+) -> tuple[bool, dict[str, str]]:
+    """Decodes up to ``_SAMPLE`` files evenly spread over ``paths`` until one works.
 
-    path: str
-    top: str | None
-
-
-@dataclass
-class _Scan:
-    """Result of scanning a folder: usable candidates and ``(path, reason)`` rejections."""
-
-    files: list[_File]
-    skipped: list[tuple[str, str]]
+    Returns:
+        Whether one did, and ``{printable path: reason}`` of those that failed before.
+    """
+    failures: dict[str, str] = {}
+    for path in paths[:: max(1, -(-len(paths) // _SAMPLE))]:
+        result = _decode_or_reason(path, image_size, channels)
+        if isinstance(result, Decoded):
+            return True, failures
+        failures[_printable(path)] = result
+    return False, failures
 
 
 def _printable(path: str) -> str:
@@ -280,100 +332,34 @@ def _printable(path: str) -> str:
     return path.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
-def _scan(root: Path) -> _Scan:
-    """Lists candidate image files below ``root`` in sorted, depth-first order.
+def _assign_labels(
+    root: Path, folders: Sequence[str], tops: np.ndarray, *, subset: bool
+) -> tuple[list[str] | None, Tensor | None]:
+    """ImageFolder labels from first-level subfolders, or None when any image is in root.
 
-    An explicit stack instead of recursion keeps arbitrarily deep trees safe; real paths of
-    visited directories stop symlink loops and double visits.
+    Args:
+        root: The folder (for the warning).
+        folders: The index's first-level folders that hold files, sorted.
+        tops: Each file's index into ``folders``, -1 for a file directly in ``root``.
+        subset: Whether ``tops`` are those of some of the files only.
     """
-    files: list[_File] = []
-    skipped: list[tuple[str, str]] = []
-    visited = {os.path.realpath(root)}
-    try:
-        first = _sorted_entries(str(root))
-    except OSError as exc:
-        raise DataError(f"cannot list image folder {root}: {exc.strerror or exc}") from exc
-    stack: list[tuple[Iterator[os.DirEntry[str]], str | None]] = [(iter(first), None)]
-    while stack:
-        entries, top = stack[-1]
-        entry = next(entries, None)
-        if entry is None:
-            stack.pop()
-            continue
-        if entry.name.startswith("."):
-            continue
-        shown = _printable(entry.path)
-        if _is_dir(entry):
-            real = os.path.realpath(entry.path)
-            if real in visited:
-                continue
-            visited.add(real)
-            try:
-                children = _sorted_entries(entry.path)
-            except OSError as exc:
-                skipped.append((shown, f"cannot list folder: {exc.strerror or exc}"))
-                continue
-            stack.append((iter(children), entry.name if top is None else top))
-            continue
-        if os.path.splitext(entry.name)[1].lower() not in IMAGE_EXTENSIONS:
-            continue
-        reason = _unusable_file_reason(entry)
-        if reason is None:
-            files.append(_File(entry.path, top))
-        else:
-            skipped.append((shown, reason))
-    return _Scan(files, skipped)
-
-
-def _sorted_entries(path: str) -> list[os.DirEntry[str]]:
-    with os.scandir(path) as it:
-        return sorted(it, key=lambda e: e.name)
-
-
-def _is_dir(entry: os.DirEntry[str]) -> bool:
-    try:
-        return entry.is_dir()
-    except OSError:
-        return False
-
-
-def _unusable_file_reason(entry: os.DirEntry[str]) -> str | None:
-    """Why a file with an image extension cannot be used before opening it, or None."""
-    try:
-        entry.name.encode("utf-8")
-    except UnicodeEncodeError:
-        # Undecodable names cannot be shown, logged or stored portably downstream.
-        return "file name is not valid UTF-8"
-    try:
-        if not entry.is_file():
-            return "not a regular file (broken link, device or pipe)"
-        if entry.stat().st_size == 0:
-            return "empty file"
-    except OSError as exc:
-        return f"cannot stat: {exc.strerror or exc}"
-    if not os.access(entry.path, os.R_OK):
-        return "permission denied"
-    return None
-
-
-def _assign_labels(root: Path, files: Sequence[_File]) -> tuple[list[str] | None, Tensor | None]:
-    """ImageFolder labels from first-level subfolders, or None when any image is in root."""
-    tops = {f.top for f in files}
-    if not files or None in tops:
-        if len(tops) > 1:
+    if not len(tops) or tops.min() < 0:
+        if len(tops) and (tops >= 0).any():
             _log.warning(
                 "%s has images both directly inside and in subfolders; treating all %d as "
                 "unlabeled (put every image in a class subfolder for labels)",
                 root,
-                len(files),
+                len(tops),
             )
         return None, None
-    classes = sorted(t for t in tops if t is not None)
-    index = {name: i for i, name in enumerate(classes)}
-    return classes, torch.tensor([index[str(f.top)] for f in files], dtype=torch.int64)
+    if not subset:  # every folder holds a file: the indices are the labels
+        return list(folders), torch.from_numpy(tops.astype(np.int64))
+    # Only the folders that hold a kept file are classes (max_samples may leave some empty).
+    used, labels = np.unique(tops, return_inverse=True)
+    return [folders[i] for i in used.tolist()], torch.from_numpy(labels.astype(np.int64))
 
 
-def _open_checked(path: str) -> Image.Image:
+def open_image_checked(path: str) -> Image.Image:
     """Opens an image (header only), refusing decompression bombs."""
     image = Image.open(path)
     limit = Image.MAX_IMAGE_PIXELS
@@ -390,9 +376,19 @@ def _open_checked(path: str) -> Image.Image:
     return image
 
 
-def _reason(exc: Exception) -> str:
+def _reason(path: str, exc: Exception) -> str:
+    """Why ``path`` could not be decoded, in words (the listing did not look at the file)."""
     if isinstance(exc, Image.DecompressionBombError):
         return f"decompression bomb: {exc}"
+    if isinstance(exc, PermissionError):
+        return "permission denied"
+    if isinstance(exc, OSError) and exc.errno is not None:
+        return f"cannot read: {exc.strerror or exc}"  # e.g. removed since it was listed
+    try:
+        if os.stat(path).st_size == 0:
+            return "empty file"
+    except OSError:
+        pass  # the decoder's own message below says enough
     return f"{type(exc).__name__}: {exc}"
 
 
@@ -406,12 +402,12 @@ class Decoded:
 
 def _decode(path: str, image_size: int, channels: int) -> Decoded:
     """Decodes one file to its whole image on a ``(C, S, S)`` uint8 canvas."""
-    with _open_checked(path) as image:
+    with open_image_checked(path) as image:
         # JPEGs decode straight at a reduced DCT scale that keeps both sides >= image_size.
         image.draft(None, (image_size, image_size))
         # Opening selects frame 0, so animated images yield their first frame.
         image = ImageOps.exif_transpose(image)
-    image = _to_mode(image, "L" if channels == 1 else "RGB")
+    image = convert_mode(image, "L" if channels == 1 else "RGB")
     # The source's size as decoded: a JPEG draft scales both sides alike, so its aspect ratio
     # is the file's.
     width, height = image.size
@@ -421,7 +417,7 @@ def _decode(path: str, image_size: int, channels: int) -> Decoded:
     return Decoded(np.ascontiguousarray(array), torch.tensor([height, width]))
 
 
-def _to_mode(image: Image.Image, mode: str) -> Image.Image:
+def convert_mode(image: Image.Image, mode: str) -> Image.Image:
     """Converts any PIL mode to ``mode`` ("L" or "RGB")."""
     if image.mode in _SIXTEEN_BIT_MODES:
         wide = np.asarray(image).astype(np.float32)
@@ -439,16 +435,7 @@ def _decode_or_reason(path: str, image_size: int, channels: int) -> Decoded | st
         return _decode(path, image_size, channels)
     # PIL raises many exception types on corrupt data (OSError, SyntaxError, struct.error, ...).
     except Exception as exc:
-        return _reason(exc)
-
-
-def _probe_reason(path: str) -> str | None:
-    try:
-        _open_checked(path).close()
-    # Same variety of PIL exceptions as in _decode_or_reason.
-    except Exception as exc:
-        return _reason(exc)
-    return None
+        return _reason(path, exc)
 
 
 def _run_pool(fn: Callable[[int], None], n: int, workers: int) -> None:
@@ -496,15 +483,3 @@ def _decode_all(
             images[dst] = images[src]
     kept = torch.tensor(good, dtype=torch.int64)
     return images[: len(good)], sizes[kept], kept
-
-
-def _probe_all(paths: Sequence[str], workers: int, skipped: list[tuple[str, str]]) -> Tensor:
-    """Validates headers in threads; appends failures to ``skipped``; returns good indices."""
-    reasons: list[str | None] = [None] * len(paths)
-
-    def work(i: int) -> None:
-        reasons[i] = _probe_reason(paths[i])
-
-    _run_pool(work, len(paths), workers)
-    skipped.extend((_printable(paths[i]), r) for i, r in enumerate(reasons) if r is not None)
-    return torch.tensor([i for i, r in enumerate(reasons) if r is None], dtype=torch.int64)

@@ -1,7 +1,9 @@
 """From a data spec to a dataset: :func:`load_data`, the one place that knows every source.
 
-The sources themselves live in :mod:`barlowtwins.data.fashion_mnist` and
-:mod:`barlowtwins.data.folders` and never import each other; this dispatcher sits above both.
+The sources themselves live in :mod:`barlowtwins.data.fashion_mnist`,
+:mod:`barlowtwins.data.folders` and :mod:`barlowtwins.data.streaming` (shards, imported only
+when asked for: it loads LitData and boto3) and never import each other; this dispatcher sits
+above them.
 It also brings Fashion-MNIST (read at 1x28x28) to the requested size and channels, which a
 folder is decoded at directly.
 """
@@ -32,23 +34,28 @@ def load_data(
     download: bool = False,
     max_samples: int | None = None,
     in_memory: bool | None = None,
+    s3_endpoint: str | None = None,
 ) -> ImageDataset:
-    """Loads the dataset named by ``spec``: Fashion-MNIST or a folder of images.
+    """Loads the dataset named by ``spec``: Fashion-MNIST, a folder of images, or shards.
 
     Args:
         spec: A :class:`DataSpec` or its text: ``"fashion-mnist"`` (the train split),
-            ``"fashion-mnist:train"``, ``"fashion-mnist:test"`` (case-insensitive), or else
+            ``"fashion-mnist:train"``, ``"fashion-mnist:test"`` (case-insensitive), shards
+            (``s3://bucket/prefix`` or a folder holding LitData's ``index.json``), or else
             the path of an image folder.
         image_size: Output side. Fashion-MNIST keeps its native 28 when ``None`` and is
-            otherwise resized (bilinear, antialiased); required for folders.
+            otherwise resized (bilinear, antialiased); required for folders and shards.
         channels: 1 or 3. Fashion-MNIST keeps its 1 channel when ``None`` (grey is repeated for
-            3); folders default to 3.
+            3); folders and shards default to 3.
         data_dir: Where to look for (or download) Fashion-MNIST; unused for folders.
         download: Allow downloading Fashion-MNIST when no local copy exists.
         max_samples: Keep at most this many samples, the first of a seed-0 permutation (so
-            roughly class-balanced), in their original order.
+            roughly class-balanced), in their original order; of shards, the first ones
+            (shuffled when written).
         in_memory: For a folder: decode it once into memory (True), per access (False), or
             into memory when its pixels fit in 4 GiB (None). Fashion-MNIST is always in memory.
+        s3_endpoint: For shards in S3: the endpoint URL (default: boto3's, e.g. from
+            ``AWS_ENDPOINT_URL``).
 
     Returns:
         The dataset.
@@ -62,6 +69,18 @@ def load_data(
         data = DataSpec.parse(spec)
     except ValueError as error:
         raise DataError(str(error)) from None
+    if data.shards is not None:
+        if image_size is None:
+            raise DataError(f"an image size is required to load the shards {data}")
+        from barlowtwins.data.streaming import load_shards
+
+        return load_shards(
+            data.shards,
+            image_size=image_size,
+            channels=3 if channels is None else channels,
+            s3_endpoint=s3_endpoint,
+            max_samples=max_samples,
+        )
     if data.path is not None:
         if image_size is None:
             raise DataError(f"an image size is required to load the image folder {data}")

@@ -1,5 +1,5 @@
 """PNG figures of a Barlow Twins run: loss, training health, kNN accuracy, cross-correlation
-matrix, t-SNE.
+matrix, t-SNE, and the images an encoder puts together (nearest neighbours, near-duplicates).
 
 Figures are drawn on matplotlib ``Figure`` objects with the Agg canvas directly instead of
 through ``pyplot``, so no display is needed, no global backend is switched, and no figure is
@@ -364,4 +364,136 @@ def plot_embedding_2d(
     axes.set_xticks([])
     axes.set_yticks([])
     axes.set_title(f"t-SNE of {x.shape[0]} samples")
+    return _save(figure, out)
+
+
+# Colours of a neighbour's caption: same class as its query, another class.
+_SAME_CLASS, _OTHER_CLASS = "tab:green", "tab:red"
+# Images up to this side are drawn with visible pixels; larger ones are smoothed.
+_PIXELATED_SIDE = 64
+
+
+def _draw_image(axes: Any, image: np.ndarray) -> None:
+    """One thumbnail at its own aspect ratio (letterboxed in its cell), without ticks."""
+    grey = image.ndim == 2
+    axes.imshow(
+        image,
+        cmap="gray" if grey else None,
+        vmin=0,
+        vmax=255,
+        interpolation="nearest" if max(image.shape[:2]) <= _PIXELATED_SIDE else "antialiased",
+    )
+    axes.set_axis_off()
+
+
+def plot_neighbour_grid(
+    queries: Sequence[np.ndarray],
+    neighbours: Sequence[Sequence[np.ndarray]],
+    similarities: np.ndarray,
+    out: Path,
+    *,
+    captions: Sequence[Sequence[str]] | None = None,
+    same_class: np.ndarray | None = None,
+    title: str = "Nearest neighbours in the embedding",
+) -> Path:
+    """A grid: each row a query image followed by its nearest neighbours, most similar first.
+
+    Args:
+        queries: ``Q`` thumbnails (``(h, w)`` greyscale or ``(h, w, 3)`` RGB uint8 arrays, at
+            their own aspect ratio, e.g. from :func:`~barlowtwins.evaluation.neighbours.thumbnail`).
+        neighbours: For each query, its ``k`` neighbours' thumbnails.
+        similarities: ``(Q, k)`` cosine similarities, written under each neighbour.
+        out: Where to write the PNG.
+        captions: ``(Q, k + 1)`` extra words per cell (e.g. class names), query first.
+        same_class: ``(Q, k)`` whether each neighbour shares its query's class; colours the
+            captions green or red when given.
+        title: The figure's title.
+
+    Returns:
+        ``out``.
+
+    Raises:
+        ValueError: If there is no query, or the shapes do not agree.
+    """
+    rows = len(queries)
+    k = len(neighbours[0]) if neighbours else 0
+    if rows == 0 or k == 0:
+        raise ValueError("the grid needs at least one query with one neighbour")
+    if len(neighbours) != rows or any(len(row) != k for row in neighbours):
+        raise ValueError(f"expected {rows} rows of {k} neighbours")
+    if similarities.shape != (rows, k):
+        raise ValueError(f"similarities must be ({rows}, {k}); got {similarities.shape}")
+    figure = _new_figure(1.25 * (k + 1) + 0.3, 1.45 * rows + 0.6)
+    grid = figure.subplots(rows, k + 1, squeeze=False)
+    for row in range(rows):
+        cells = [queries[row], *neighbours[row]]
+        for column, image in enumerate(cells):
+            axes = grid[row][column]
+            _draw_image(axes, image)
+            extra = captions[row][column] if captions is not None else ""
+            if column == 0:
+                text, color = "query" + (f"\n{extra}" if extra else ""), "black"
+            else:
+                text = f"{similarities[row, column - 1]:.3f}" + (f"\n{extra}" if extra else "")
+                agree = None if same_class is None else bool(same_class[row, column - 1])
+                color = "black" if agree is None else _SAME_CLASS if agree else _OTHER_CLASS
+            axes.set_title(
+                text, fontsize=7, color=color, fontweight="bold" if column == 0 else None
+            )
+    figure.suptitle(title, fontsize=10)
+    return _save(figure, out)
+
+
+def plot_duplicate_pairs(
+    pairs: Sequence[tuple[np.ndarray, np.ndarray]],
+    similarities: Sequence[float],
+    out: Path,
+    *,
+    captions: Sequence[tuple[str, str]] | None = None,
+    title: str = "Near-duplicate pairs",
+    columns: int = 3,
+) -> Path:
+    """The most similar pairs of images side by side, with their similarity.
+
+    Args:
+        pairs: Thumbnails of each pair, as for :func:`plot_neighbour_grid`.
+        similarities: Each pair's cosine similarity.
+        out: Where to write the PNG.
+        captions: Words under each image of a pair (e.g. file names).
+        title: The figure's title; with no pair, the figure's only text.
+        columns: Pairs per row.
+
+    Returns:
+        ``out``.
+
+    Raises:
+        ValueError: If the lengths do not agree or ``columns < 1``.
+    """
+    if len(similarities) != len(pairs) or (captions is not None and len(captions) != len(pairs)):
+        raise ValueError("pairs, similarities and captions must have the same length")
+    if columns < 1:
+        raise ValueError(f"columns must be >= 1; got {columns}")
+    if not pairs:
+        figure = _new_figure(6.0, 3.0)
+        axes = figure.add_subplot()
+        axes.set_axis_off()
+        axes.text(0.5, 0.5, title, ha="center", va="center", wrap=True)
+        return _save(figure, out)
+    columns = min(columns, len(pairs))
+    rows = math.ceil(len(pairs) / columns)
+    figure = _new_figure(2.6 * columns + 0.3, 1.55 * rows + 0.6)
+    grid = figure.subplots(rows, 2 * columns, squeeze=False)
+    for cell in range(rows * columns):
+        row, column = divmod(cell, columns)
+        left, right = grid[row][2 * column], grid[row][2 * column + 1]
+        if cell >= len(pairs):
+            left.set_axis_off()
+            right.set_axis_off()
+            continue
+        for side, (axes, image) in enumerate(zip((left, right), pairs[cell], strict=True)):
+            _draw_image(axes, image)
+            name = captions[cell][side] if captions is not None else ""
+            heading = f"{similarities[cell]:.4f}" if side == 0 else ""
+            axes.set_title("\n".join(filter(None, (heading, name))) or " ", fontsize=7)
+    figure.suptitle(title, fontsize=10)
     return _save(figure, out)

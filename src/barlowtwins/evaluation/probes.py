@@ -43,7 +43,7 @@ class LinearProbeResult:
 
 def _stack_images(items: list[Any]) -> tuple[Tensor, Tensor | None]:
     """DataLoader collate: the uint8 (C, H, W) images that start the dataset items, and their
-    source sizes where the items carry them (:data:`barlowtwins.data.Item`), stacked."""
+    source sizes where the items carry them (``barlowtwins.data.datasets.Item``), stacked."""
     images, sizes = [], []
     for item in items:
         image = item[0] if isinstance(item, tuple | list) else item
@@ -111,7 +111,7 @@ def extract_features(
             after the batch dimension is flattened. Must already live on ``device``. It is run
             in eval mode and its previous training flag is restored afterwards.
         images: A uint8 ``(N, C, H, W)`` tensor, or a map-style dataset whose items are
-            :data:`~barlowtwins.data.Item` tuples (image, label, index, source size).
+            ``Item`` tuples (image, label, index, source size).
         batch_size: Images per forward pass.
         device: Where the backbone runs.
         mean: Per-channel mean used for normalisation, on the [0, 1] scale.

@@ -91,9 +91,36 @@ class RunFolder:
         return self.path / "linear_head.safetensors"
 
     @property
+    def lock(self) -> Path:
+        """``.lock``: held by the one ``fit`` process that writes the run (its pid inside)."""
+        return self.path / ".lock"
+
+    @property
     def evaluation(self) -> Path:
         """``evaluation.json``: the evaluation that head came from, with its protocol."""
         return self.path / "evaluation.json"
+
+    @property
+    def finetuned(self) -> Path:
+        """``finetuned.safetensors``: the classifier of ``finetune`` (backbone and head trained
+        together), in the layout of ``export --format safetensors --with-head``."""
+        return self.path / "finetuned.safetensors"
+
+    @property
+    def finetune_results(self) -> Path:
+        """``finetune.json``: what ``finetune`` measured, with its protocol."""
+        return self.path / "finetune.json"
+
+    @property
+    def finetune_labels(self) -> Path:
+        """``finetune_labels.csv``: the labelled subset ``finetune`` trained on, one image a
+        line (index, label, class, path); ``finetune --subset`` reads it back."""
+        return self.path / "finetune_labels.csv"
+
+    @property
+    def neighbours(self) -> Path:
+        """``neighbours/``: what ``barlowtwins neighbours`` writes by default."""
+        return self.path / "neighbours"
 
 
 _CHECKPOINTS = "checkpoints"

@@ -43,6 +43,12 @@ HF_PLOTS = "plots"
 # Written into the header of every safetensors file of ours, with what it holds.
 FORMAT_KEY = "barlowtwins_format"
 ENCODER_CONTENT, CLASSIFIER_CONTENT, FULL_CONTENT = "encoder", "classifier", "full"
+# The header key of a classifier that `barlowtwins finetune` trained: its protocol, as JSON.
+FINETUNED_KEY = "finetuned"
+#: The linear head that ``evaluate --linear --save-head`` saves on the run's backbone.
+LINEAR_HEAD = "linear"
+#: The classifier that ``finetune`` trains, backbone and head together.
+FINETUNED_HEAD = "finetuned"
 _CHECKPOINT_PREFIX = "model."
 # A run folder's files relative to it, for messages.
 _IN_A_RUN = RunFolder(Path())
@@ -251,8 +257,10 @@ def _from_backbone_file(path: Path, content: Any) -> TrainedEncoder:
     try:
         fields = json.loads(info_path.read_text())
         info = EncoderInfo(**{**fields, "mean": tuple(fields["mean"]), "std": tuple(fields["std"])})
-    except (json.JSONDecodeError, TypeError, KeyError) as error:
-        raise CheckpointError(f"corrupt {info_path}: {error}") from None
+    except (ValueError, TypeError, KeyError) as error:  # JSONDecodeError is a ValueError
+        raise CheckpointError(
+            f"corrupt {info_path}: {error}; rewrite it from the run's config.yaml or rerun fit"
+        ) from None
     if not isinstance(content, dict) or not content:
         raise CheckpointError(f"{path} holds no backbone weights")
     return TrainedEncoder(
@@ -285,7 +293,9 @@ def encoder_info_from_metadata(metadata: dict[str, str], source: Path) -> Encode
             std=tuple(json.loads(metadata["std"])),
         )
     except (KeyError, ValueError, TypeError) as error:
-        raise CheckpointError(f"{source}: incomplete barlowtwins header ({error})") from None
+        raise CheckpointError(
+            f"{source}: incomplete or invalid barlowtwins header ({error}); export it again"
+        ) from None
 
 
 def _load_safetensors(path: Path, folder: RunFolder | None, projector: bool) -> TrainedEncoder:
@@ -295,6 +305,23 @@ def _load_safetensors(path: Path, folder: RunFolder | None, projector: bool) -> 
         raise CheckpointError(
             f"{path} was not written by `barlowtwins export` (no {FORMAT_KEY} in its header)"
         )
+    if projector and content != FULL_CONTENT:
+        raise CheckpointError(f"{path} holds only the encoder, not the projector")
+    try:
+        return _encoder_of_export(path, folder, content, tensors, metadata)
+    except (KeyError, ValueError, TypeError) as error:
+        raise CheckpointError(
+            f"{path}: incomplete or invalid barlowtwins header ({error}); export it again"
+        ) from None
+
+
+def _encoder_of_export(
+    path: Path,
+    folder: RunFolder | None,
+    content: str,
+    tensors: dict[str, Tensor],
+    metadata: dict[str, str],
+) -> TrainedEncoder:
     info = encoder_info_from_metadata(metadata, path)
     extra = {key: value for key, value in metadata.items() if key != FORMAT_KEY}
     if content == FULL_CONTENT:
@@ -309,11 +336,9 @@ def _load_safetensors(path: Path, folder: RunFolder | None, projector: bool) -> 
             info=info,
             backbone_state=parts["backbone"],
             projector_state=parts["projector"],
-            projector_dims=tuple(json.loads(metadata["projector_dims"])),
+            projector_dims=tuple(int(d) for d in json.loads(metadata["projector_dims"])),
             metadata=extra,
         )
-    if projector:
-        raise CheckpointError(f"{path} holds only the encoder, not the projector")
     head = None
     if content == CLASSIFIER_CONTENT:
         prefix = metadata["classifier"] + "."
@@ -370,7 +395,33 @@ def save_head(folder: RunFolder, head: LinearHead, results: dict[str, Any]) -> P
     return folder.linear_head
 
 
-def load_pretrained(path: str | Path, *, with_head: bool = False) -> nn.Module:
+def load_finetuned(path: str | Path) -> TrainedEncoder:
+    """The classifier that ``barlowtwins finetune`` saved into a run.
+
+    Args:
+        path: The run folder (its ``finetuned.safetensors`` is read) or that file itself.
+
+    Returns:
+        The fine-tuned backbone with its head; :attr:`TrainedEncoder.folder` is the run, and
+        :attr:`TrainedEncoder.metadata` holds the protocol under ``"finetuned"``.
+
+    Raises:
+        CheckpointError: If there is no such classifier, or the file is not one.
+    """
+    path = Path(path)
+    file = path if path.is_file() else RunFolder(path).finetuned
+    if not file.is_file():
+        raise CheckpointError(
+            f"no fine-tuned classifier in {path}: run `barlowtwins finetune RUN --percent P` "
+            "on the run folder first"
+        )
+    run = _load_safetensors(file, RunFolder(file.parent), projector=False)
+    if run.head is None or FINETUNED_KEY not in run.metadata:
+        raise CheckpointError(f"{file} is not a classifier written by `barlowtwins finetune`")
+    return run
+
+
+def load_pretrained(path: str | Path, *, with_head: bool | str = False) -> nn.Module:
     """Load a trained encoder from a run or an export, offline, ready to use.
 
     The module is the source library's own (a torchvision ``ResNet`` or a timm model) in eval
@@ -386,13 +437,25 @@ def load_pretrained(path: str | Path, *, with_head: bool = False) -> nn.Module:
 
     Args:
         path: Anything :func:`load_trained_encoder` reads.
-        with_head: Put the saved linear head in place of the classifier (``fc`` of a
-            torchvision ResNet, timm's classifier), so the module returns logits.
+        with_head: Put a saved head in place of the classifier (``fc`` of a torchvision
+            ResNet, timm's classifier), so the module returns logits: ``True`` or
+            ``"linear"`` the linear head of ``evaluate --linear --save-head`` (or of an
+            exported classifier), ``"finetuned"`` the classifier of ``barlowtwins finetune``
+            (its backbone too, :func:`load_finetuned`).
 
     Returns:
         The encoder (or classifier) module.
+
+    Raises:
+        ValueError: For another ``with_head``.
+        CheckpointError: If the source or the head asked for is missing.
     """
-    run = load_trained_encoder(path)
+    if with_head not in (False, True, LINEAR_HEAD, FINETUNED_HEAD):
+        raise ValueError(
+            f"with_head must be False, True, {LINEAR_HEAD!r} or {FINETUNED_HEAD!r}; "
+            f"got {with_head!r}"
+        )
+    run = load_finetuned(path) if with_head == FINETUNED_HEAD else load_trained_encoder(path)
     encoder = run.encoder()
     head = run.matching_head() if with_head else None
     if head is not None:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import lightning as L
 from torch.utils.data import DataLoader
 
 from barlowtwins.data import ImageDataset
+from barlowtwins.data.streaming import StreamingImages, StreamingLoader
 
 
 def batch_per_device(global_batch: int, world_size: int) -> int:
@@ -28,6 +31,13 @@ class BarlowTwinsDataModule(L.LightningDataModule):
     ``batch_size`` is the global batch: under DDP each of the W processes loads
     ``batch_size / W`` images a step, and Lightning's ``DistributedSampler`` gives each rank a
     disjoint ``1/W`` of every epoch, so a step trains on ``batch_size`` images whatever W is.
+    Shards (:class:`~barlowtwins.data.streaming.StreamingImages`) are iterated by LitData's
+    loader instead, which splits each epoch over the ranks itself (an iterable dataset gets no
+    sampler from Lightning), shuffles it from ``seed`` and resumes mid-epoch from a checkpoint:
+    this data module keeps its position in checkpoints itself. Lightning's own copy, in the fit
+    loop's state, is not restored when the optimiser's schedule asked for the run's length
+    first (``estimated_stepping_batches`` loads the train dataloader before the checkpoint's
+    loops are restored, and the fit loop keeps that loader; Lightning 2.6).
 
     Args:
         train: Images to pretrain on (labels unused).
@@ -36,6 +46,7 @@ class BarlowTwinsDataModule(L.LightningDataModule):
         knn_query: Labelled images classified by the kNN monitor each epoch.
         num_workers: DataLoader worker processes (0 suits in-memory data).
         pin_memory: Pin host memory (for CUDA).
+        seed: Seed of the shuffle of shards (each epoch's is drawn from it and the epoch).
     """
 
     def __init__(
@@ -47,6 +58,7 @@ class BarlowTwinsDataModule(L.LightningDataModule):
         knn_query: ImageDataset | None = None,
         num_workers: int = 0,
         pin_memory: bool = False,
+        seed: int = 0,
     ) -> None:
         super().__init__()
         self.train = train
@@ -56,6 +68,9 @@ class BarlowTwinsDataModule(L.LightningDataModule):
         self.knn_query = knn_query
         self.num_workers = num_workers
         self.pin_memory = pin_memory
+        self.seed = seed
+        self._streaming_loader: StreamingLoader | None = None
+        self._streaming_state: dict[str, Any] | None = None
 
     def setup(self, stage: str) -> None:
         world_size = 1 if self.trainer is None else self.trainer.world_size
@@ -69,8 +84,33 @@ class BarlowTwinsDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
+        if isinstance(self.train, StreamingImages):
+            # Built here, in each rank once the process group exists: LitData reads the world
+            # size when it builds its dataset. An epoch ends at the trainer's limit.
+            limit = None if self.trainer is None else self.trainer.limit_train_batches
+            loader = self.train.loader(
+                self.batch_size_per_device,
+                seed=self.seed,
+                num_workers=self.num_workers,
+                pin_memory=self.pin_memory,
+                epoch_batches=limit if isinstance(limit, int) else None,
+            )
+            if self._streaming_state is not None:
+                loader.load_state_dict(self._streaming_state)
+                self._streaming_state = None
+            self._streaming_loader = loader
+            return loader
         # drop_last: every step sees a full batch, which batch norm and the loss rely on.
         return self._loader(self.train, shuffle=True, drop_last=True)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The streaming loader's position (empty for other data)."""
+        loader = self._streaming_loader
+        return {} if loader is None else {"streaming_loader": loader.state_dict()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Keep a checkpoint's loader position for the loader ``train_dataloader`` makes."""
+        self._streaming_state = state_dict.get("streaming_loader")
 
     def val_dataloader(self) -> list[DataLoader]:
         if not self.has_knn_monitor:
