@@ -161,11 +161,15 @@ class SignalStop(Callback):
     ) -> None:
         # Before the next step rather than after this one: a signal noted during the step's
         # last callbacks still stops the run with that step's state.
-        noted = torch.tensor([self.signal or 0], device=trainer.strategy.root_device)
+        noted = self.signal or 0
         if world_size() > 1:
-            dist.all_reduce(noted, op=dist.ReduceOp.MAX)
-        if noted.item():
-            self.signal = int(noted.item())
+            # One process alone needs no tensor: on a GPU, reading one back each step would
+            # wait for the step's kernels.
+            flag = torch.tensor([noted], device=trainer.strategy.root_device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            noted = int(flag.item())
+        if noted:
+            self.signal = noted
             raise SIGTERMException
 
 
