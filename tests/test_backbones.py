@@ -10,7 +10,7 @@ import torchvision
 from torch import nn
 from torchvision.models import ResNet
 
-from barlowtwins.backbones import adapt_stem, available_backbones, build_backbone
+from barlowtwins.backbones import adapt_stem, available_backbones, build_backbone, dirac_init_
 
 _HAS_TIMM = importlib.util.find_spec("timm") is not None
 
@@ -97,6 +97,27 @@ def test_without_zero_init_residual_last_bn_is_one() -> None:
     torch.testing.assert_close(model.layer1[0].bn2.weight.detach(), torch.ones(64))
 
 
+def test_dirac_init_starts_3x3_convolutions_as_the_identity_on_their_first_filters() -> None:
+    torch.manual_seed(0)
+    model, _ = build_backbone("resnet10", dirac_init=True)
+    torch.manual_seed(0)
+    plain, _ = build_backbone("resnet10")
+    x = torch.randn(2, 64, 8, 8)
+    same_width = model.layer1[0].conv1  # 64 -> 64, stride 1: every filter is the identity
+    torch.testing.assert_close(same_width(x), x)
+    wider = model.layer2[0].conv1  # 64 -> 128, stride 2: the first 64 pick the centre pixels
+    out = wider(x)
+    torch.testing.assert_close(out[:, :64], x[:, :, ::2, ::2])
+    # The other filters keep the random initialisation, as do the stem and the shortcuts.
+    torch.testing.assert_close(wider.weight[64:], plain.layer2[0].conv1.weight[64:])
+    torch.testing.assert_close(model.conv1.weight, plain.conv1.weight)
+    torch.testing.assert_close(
+        model.layer2[0].downsample[0].weight, plain.layer2[0].downsample[0].weight
+    )
+    assert dirac_init_(plain) is plain
+    torch.testing.assert_close(plain.layer1[0].conv2.weight, model.layer1[0].conv2.weight)
+
+
 @pytest.mark.skipif(not _HAS_TIMM, reason="timm not installed")
 @pytest.mark.parametrize("name", ["timm:resnet10t", "resnet10t"])
 def test_timm_backbone(name: str) -> None:
@@ -111,6 +132,14 @@ def test_timm_backbone(name: str) -> None:
 def test_timm_rejects_torchvision_only_options() -> None:
     with pytest.raises(ValueError, match="torchvision ResNets only"):
         build_backbone("timm:resnet10t", small_image=True)
+
+
+@pytest.mark.skipif(not _HAS_TIMM, reason="timm not installed")
+def test_dirac_init_applies_to_a_timm_model_too() -> None:
+    model, _ = build_backbone("timm:resnet10t", in_channels=1, dirac_init=True)
+    block = model.layer1[0].conv2  # 64 -> 64, 3x3
+    x = torch.randn(2, 64, 4, 4)
+    torch.testing.assert_close(block(x), x)
 
 
 def test_unknown_name_error_text() -> None:

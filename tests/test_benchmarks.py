@@ -74,6 +74,15 @@ def test_benchmark_prints_its_comparisons(script: str, options: list[str], summa
 
 
 @pytest.mark.slow
+def test_compile_benchmark_times_eager_against_compiled() -> None:
+    options = ["--batch", "4", "--variants", "compiled", "--min-seconds", "0.01"]
+    result = _run("compile.py", [*options, "--precision", "32-true", "--repeats", "1"], 600)
+    assert re.search(r"^eager: \d+ ms a step, 1.00x eager's speed$", result.stdout, re.M)
+    compiled = r"^compiled: \d+ ms a step, [\d.]+x eager's speed; compiling took -?\d+ s"
+    assert re.search(compiled, result.stdout, re.M), result.stdout[-2000:]
+
+
+@pytest.mark.slow
 def test_quality_benchmark_compares_and_plots_time_to_accuracy(tmp_path: Path) -> None:
     """A toy fit (512 images, 2 epochs), lightly for as long, both curves and the plot."""
     plot, run = tmp_path / "time_to_accuracy.png", tmp_path / "run"

@@ -143,3 +143,21 @@ def test_more_views_train_on_the_mean_over_pairs(tmp_path: Path) -> None:
     assert len(views) == module.batches_per_step == 3
     assert all(v.shape == (8, 1, 16, 16) for v in views)
     assert not torch.equal(views[0], views[2]), "the third view repeats the first"
+
+
+def test_the_speedrun_initialisations_reach_the_module_from_the_hyperparameters() -> None:
+    module = BarlowTwinsModule(
+        Hyperparameters(
+            backbone="resnet10",
+            image_size=16,
+            projector_dims=(16,),
+            batch_size=8,
+            dirac_init=True,
+            whiten_stem=True,
+        ),
+        in_channels=1,
+    )
+    x = torch.randn(2, 64, 4, 4)
+    torch.testing.assert_close(module.backbone.layer1[0].conv2(x), x)
+    assert not module.backbone.conv1.weight.requires_grad
+    assert module.backbone.layer1[0].conv2.weight.requires_grad

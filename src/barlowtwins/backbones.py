@@ -58,6 +58,7 @@ def build_backbone(
     in_channels: int = 3,
     small_image: bool = False,
     zero_init_residual: bool = False,
+    dirac_init: bool = False,
     small_output_convolutions: bool = False,
 ) -> tuple[nn.Module, int]:
     """Build a randomly initialised backbone that maps images to feature vectors.
@@ -80,7 +81,8 @@ def build_backbone(
     registry, build ``timm.create_model(name, pretrained=False, num_classes=0,
     in_chans=in_channels)``; timm is an optional dependency (``pip install
     "barlowtwins[timm]"``). timm models keep their own stems and initialisation, so
-    ``small_image`` and ``zero_init_residual`` are rejected for them.
+    ``small_image`` and ``zero_init_residual`` are rejected for them; ``dirac_init`` applies
+    to any model's ungrouped 3x3 convolutions.
 
     With ``small_output_convolutions=True`` a torchvision ResNet's plain convolutions become
     :class:`~barlowtwins.nn.convolution.SmallOutputConv2d`, an ``nn.Conv2d`` with the same
@@ -95,6 +97,8 @@ def build_backbone(
             :func:`adapt_stem`).
         zero_init_residual: Zero the last batch-norm weight of each residual block, so every
             block starts as the identity (torchvision's option).
+        dirac_init: Start each 3x3 convolution as the identity on its first input-width
+            filters (:func:`dirac_init_`).
         small_output_convolutions: Use the fast CPU weight gradient (torchvision ResNets).
 
     Returns:
@@ -112,11 +116,39 @@ def build_backbone(
         feature_dim = model.fc.in_features
         model.fc = nn.Identity()
         model = adapt_stem(model, in_channels, small_image)
+        if dirac_init:
+            dirac_init_(model)
         if small_output_convolutions:
             use_small_output_convolutions(model)
     else:
         model, feature_dim = _build_timm(name, in_channels, small_image, zero_init_residual)
+        if dirac_init:
+            dirac_init_(model)
     return model, feature_dim
+
+
+def dirac_init_(model: nn.Module) -> nn.Module:
+    """Start every 3x3 convolution of ``model`` as the identity on its first filters, in place.
+
+    The CIFAR-10 speedruns' initialisation (Jordan 2024, arXiv 2404.00498; airbench's
+    ``Conv``): after the default initialisation, the first ``in_channels`` filters of a 3x3
+    convolution with at least as many outputs as inputs are set to
+    :func:`torch.nn.init.dirac_`, so output channel ``i`` starts as input channel ``i`` at the
+    centre tap (subsampled where the stride is 2); the remaining filters keep their random
+    initialisation. Other convolutions (the 7x7 stem, 1x1 shortcuts) are left as they are.
+
+    Returns:
+        The same model.
+    """
+    for conv in model.modules():
+        if (
+            isinstance(conv, nn.Conv2d)
+            and conv.kernel_size == (3, 3)
+            and conv.groups == 1
+            and conv.out_channels >= conv.in_channels
+        ):
+            nn.init.dirac_(conv.weight.data[: conv.in_channels])
+    return model
 
 
 def adapt_stem(model: ResNet, in_channels: int, small_image: bool) -> ResNet:

@@ -73,6 +73,17 @@ class Hyperparameters:
         False, "CIFAR-style stem (3x3, no max-pool)", fixed_on_resume=True
     )
     zero_init_residual: bool = hyperparameter(True, "zero-init each residual branch's last BN")
+    dirac_init: bool = hyperparameter(
+        False,
+        "start each 3x3 convolution as the identity on its first filters (Jordan 2024, "
+        "arXiv 2404.00498)",
+    )
+    whiten_stem: bool = hyperparameter(
+        False,
+        "freeze the first convolution as a whitening of its input patches, computed from the "
+        "first step's views (Jordan 2024, arXiv 2404.00498)",
+        fixed_on_resume=True,
+    )
     projector_dims: tuple[int, ...] = hyperparameter(
         (8192, 8192, 8192), "projector layer sizes", fixed_on_resume=True
     )

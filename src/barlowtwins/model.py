@@ -50,6 +50,7 @@ class BarlowTwins(nn.Module):
         small_image: bool = False,
         projector_dims: tuple[int, ...] = (8192, 8192, 8192),
         zero_init_residual: bool = False,
+        dirac_init: bool = False,
         small_output_convolutions: bool = False,
     ) -> BarlowTwins:
         """Build the model around a named backbone (see :func:`build_backbone`)."""
@@ -58,6 +59,7 @@ class BarlowTwins(nn.Module):
             in_channels=in_channels,
             small_image=small_image,
             zero_init_residual=zero_init_residual,
+            dirac_init=dirac_init,
             small_output_convolutions=small_output_convolutions,
         )
         return cls(module, feature_dim, projector_dims)

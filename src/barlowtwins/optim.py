@@ -199,7 +199,8 @@ def _trust_ratios(params: Sequence[Tensor], grads: Sequence[Tensor], eta: float)
 def split_parameters(module: nn.Module) -> tuple[list[Parameter], list[Parameter]]:
     """Split a module's parameters into (weights, biases and normalisation parameters).
 
-    Parameters with at most one dimension are biases or the affine parameters of batch/layer
+    Frozen parameters (``requires_grad=False``) are left out. Parameters with at most one
+    dimension are biases or the affine parameters of batch/layer
     normalisation; the paper's released code ("exclude_bias_and_norm") uses the same test to
     exclude them from weight decay and LARS adaptation.
 
@@ -212,7 +213,8 @@ def split_parameters(module: nn.Module) -> tuple[list[Parameter], list[Parameter
     weights: list[Parameter] = []
     biases_and_norms: list[Parameter] = []
     for p in module.parameters():
-        (biases_and_norms if p.ndim <= 1 else weights).append(p)
+        if p.requires_grad:
+            (biases_and_norms if p.ndim <= 1 else weights).append(p)
     return weights, biases_and_norms
 
 

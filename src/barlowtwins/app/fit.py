@@ -432,7 +432,10 @@ def _check_resumable(last: Path, module: BarlowTwinsModule) -> None:
             f"{last} is not a checkpoint of barlowtwins fit (a torch file without Lightning's "
             "training state); move it away to start over, or use a new --output"
         )
-    saved = checkpoint_values(content.get("hyper_parameters") or {})
+    # A hyperparameter newer than the checkpoint has its default there: a new field's default
+    # keeps what the code that wrote the checkpoint did.
+    saved = {**Hyperparameters().to_dict()}
+    saved.update(checkpoint_values(content.get("hyper_parameters") or {}))
     current = checkpoint_values(module.hparams)
     fixed = (*Hyperparameters.fixed_on_resume(), "in_channels")
     changed = [

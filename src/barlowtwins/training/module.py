@@ -19,6 +19,7 @@ from barlowtwins.loss import BarlowTwinsLoss, NonFiniteLossError, multi_view_los
 from barlowtwins.mixed_loss import MixedBarlowTwinsLoss, MixUp
 from barlowtwins.model import BarlowTwins
 from barlowtwins.nn.convolution import use_small_output_convolutions
+from barlowtwins.nn.whitening import first_convolution, whiten_convolution_
 from barlowtwins.optim import build_optimizer, build_warmup_cosine_scheduler
 from barlowtwins.seeding import derived_seed
 from barlowtwins.training.callbacks import TrainingClock, TrainingHealth
@@ -154,7 +155,11 @@ class BarlowTwinsModule(L.LightningModule):
             small_image=bool(method.small_image),
             projector_dims=method.projector_dims,
             zero_init_residual=method.zero_init_residual,
+            dirac_init=method.dirac_init,
         )
+        if method.whiten_stem:
+            # Frozen before the optimiser and DDP see the parameters; set at the first step.
+            first_convolution(self.backbone).weight.requires_grad_(False)
         self.mean, self.std = resolve_normalization(in_channels, mean, std)
         image_size = int(method.image_size)
         view_a, view_b = barlow_twins_views(
@@ -365,6 +370,19 @@ class BarlowTwinsModule(L.LightningModule):
                     "each: feed batch_size / world size per process (BarlowTwinsDataModule "
                     "does)"
                 )
+            if self.hyperparameters.whiten_stem:
+                self.whiten_stem(batch[0])
+
+    @torch.no_grad()
+    def whiten_stem(self, views: Sequence[Tensor]) -> None:
+        """Fix the backbone's first convolution to whiten the patches of these views.
+
+        Called with the first step's views when ``whiten_stem`` is set (so a resumed run keeps
+        its checkpoint's filters); under DDP the patches of every rank's views count, as one
+        process's global batch would.
+        """
+        with torch.autocast(self.device.type, enabled=False):
+            whiten_convolution_(first_convolution(self.backbone), torch.cat(list(views)))
 
     def configure_optimizers(self) -> Any:
         global_batch = int(self.hyperparameters.batch_size) * self.trainer.accumulate_grad_batches
